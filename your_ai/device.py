@@ -1,0 +1,47 @@
+"""What MLX runs on and how much memory it may use, through MLX's device-neutral APIs."""
+
+import platform
+
+import mlx.core as mx
+import psutil
+
+
+def backend() -> str:
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda"
+
+
+def memory_bytes() -> int:
+    """Metal's recommended working set, the CUDA card's memory, or system RAM on the CPU."""
+    if backend() != "cpu":
+        info = mx.device_info()
+        for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+            if info.get(key):
+                return int(info[key])
+    return int(psutil.virtual_memory().total)
+
+
+def describe() -> dict:
+    info = mx.device_info()
+    name = str(info.get("device_name") or platform.processor() or platform.machine())
+    kind = backend()
+    total = memory_bytes()
+    return {
+        "backend": kind,
+        "name": name,
+        "memory_gb": round(total / 1e9, 1),
+        # Two machines share measurements only if this matches: same kind, card and memory.
+        "id": f"{kind}-{name}-{round(total / 2**30)}GiB".replace(" ", "_").lower(),
+    }
+
+
+def process_baseline_bytes() -> int:
+    """Memory the process holds outside MLX's allocator, counted on top of MLX's peak where
+    both live in the same memory (CPU and Apple's unified memory); 0 on a discrete GPU."""
+    if backend() == "cuda":
+        return 0
+    rss = psutil.Process().memory_info().rss
+    return max(0, rss - mx.get_active_memory() - mx.get_cache_memory())

@@ -1,0 +1,181 @@
+"""`python -m your_ai.export`: the study's best trial as a Hydra profile and a JSON hardware profile.
+
+`conf/profile/best.yaml` is applied with `+profile=best`; each export is also kept as
+`conf/profile/<model>-<hardware>.yaml`. `python -m your_ai.export --list` shows them all.
+"""
+
+import json
+import os
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import optuna
+import yaml
+from omegaconf import DictConfig
+from optuna.trial import TrialState
+
+from your_ai import CONF_DIR, study
+from your_ai.errors import UserError, exit_on_user_error
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write beside the target, then rename: a kill leaves the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def best_trial(st):
+    complete = [t for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if not t.system_attrs.get(study.SURPLUS_ATTR)]
+    if not complete:
+        return None
+    return max(complete, key=lambda t: (t.value, t.user_attrs.get("tokens_per_sec", 0)))
+
+
+def profile_document(st, trial, url: str) -> dict:
+    settings = st.user_attrs["settings"]
+    device = st.user_attrs.get("device", {})
+    a, p = trial.user_attrs, trial.params
+    rank = int(p["lora.rank"])
+    return {
+        "defaults": [{"override /model": settings["model"]}],
+        "training": {
+            "batch_size": int(p["training.batch_size"]),
+            "max_seq_length": settings["max_seq_length"],
+            "grad_checkpoint": settings["grad_checkpoint"],
+        },
+        "lora": {"rank": rank, "alpha": 2 * rank, "num_layers": int(p["lora.num_layers"]),
+                 "keys": settings["lora_keys"]},
+        "measured": {
+            "study": st.study_name,
+            "storage": study.redact(url),
+            "trial": trial.number,
+            "model": settings["model"],
+            "hardware": settings["hardware"],
+            "device": device.get("name"),
+            "backend": device.get("backend"),
+            "max_memory_gb": settings["max_memory_gb"],
+            "peak_memory_mb": a["peak_memory_mb"],
+            "peak_memory_gb_with_margin": a["peak_memory_gb_with_margin"],
+            "step_time_s": a["step_time_s"],
+            "tokens_per_sec": a["tokens_per_sec"],
+            "score": a["score"],
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def hardware_profile(st, trial, document: dict) -> dict:
+    results = []
+    for t in sorted(study.measured_grid_trials(st), key=lambda t: t.number):
+        results.append({"trial": t.number, "state": t.state.name, **t.params, **t.user_attrs})
+    measured = document["measured"]
+    return {
+        "model": measured["model"],
+        "optimal_batch_size": document["training"]["batch_size"],
+        "optimal_lora_rank": document["lora"]["rank"],
+        "optimal_lora_alpha": document["lora"]["alpha"],
+        "optimal_lora_layers": document["lora"]["num_layers"],
+        "max_seq_length": document["training"]["max_seq_length"],
+        "peak_memory_gb": round(measured["peak_memory_mb"] / 1e3, 4),
+        "peak_memory_gb_with_margin": measured["peak_memory_gb_with_margin"],
+        "throughput_score": measured["score"],
+        "tokens_per_sec": measured["tokens_per_sec"],
+        "step_time_s": measured["step_time_s"],
+        "created_at": measured["created_at"],
+        "hardware": {"id": measured["hardware"], "device": measured["device"],
+                     "backend": measured["backend"], **st.user_attrs.get("device", {})},
+        "study": st.study_name,
+        "all_results": results,
+    }
+
+
+def render_profile(document: dict) -> str:
+    m = document["measured"]
+    header = (f"# @package _global_\n# Measured by your_ai.sweep: study {m['study']}, trial "
+              f"{m['trial']}, on {m['device']} ({m['hardware']}), {m['created_at']}.\n"
+              "# Apply with +profile=<name>; command-line overrides win over these values.\n")
+    return header + yaml.safe_dump(document, sort_keys=False)
+
+
+def export(cfg: DictConfig, st, out=sys.stdout) -> dict | None:
+    """Write the profiles for the study's best trial; None (and nothing written) if none fits."""
+    trial = best_trial(st)
+    if trial is None:
+        print(f"study {st.study_name}: no configuration fits; no profile written", file=out)
+        return None
+    url = str(cfg.sweep.storage)
+    document = profile_document(st, trial, url)
+    text = render_profile(document)
+    profiles = Path(cfg.paths.profiles)
+    named = profiles / f"{document['measured']['model']}-{document['measured']['hardware']}.yaml"
+    best = profiles / f"{cfg.profile_name}.yaml"
+    artifacts = Path(cfg.paths.sweeps) / st.study_name
+    json_path = artifacts / "hardware_profile.json"
+    atomic_write(json_path, json.dumps(hardware_profile(st, trial, document), indent=2) + "\n")
+    atomic_write(named, text)
+    atomic_write(best, text)
+    print(f"profile: {best} (also {named.name}), hardware profile: {json_path}", file=out)
+    return document
+
+
+def list_profiles(directory: Path, out=sys.stdout) -> int:
+    files = sorted(directory.glob("*.yaml"))
+    if not files:
+        print(f"no profiles in {directory}", file=out)
+        return 0
+    print(f"{'profile':<44} {'batch':>5} {'rank':>5} {'layers':>6} {'peak MB':>9} "
+          f"{'tok/s':>8}  measured on", file=out)
+    for path in files:
+        try:
+            doc = yaml.safe_load(path.read_text())
+            m, t, lo = doc["measured"], doc["training"], doc["lora"]
+        except (yaml.YAMLError, KeyError, TypeError):
+            print(f"{path.stem:<44} (not a your_ai profile)", file=out)
+            continue
+        print(f"{path.stem:<44} {t['batch_size']:>5} {lo['rank']:>5} {lo['num_layers']:>6} "
+              f"{m['peak_memory_mb']:>9.0f} {m['tokens_per_sec']:>8.0f}  "
+              f"{m['model']} on {m['device']} ({m['created_at']})", file=out)
+    return len(files)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from your_ai.sweep import study_name
+
+    url = str(cfg.sweep.storage)
+    storage = study.open_storage(url, cfg.sweep)
+    name = study_name(cfg)
+    try:
+        st = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise UserError(f"sweep.study_name={name}: no such study in {study.redact(url)}") from None
+    if export(cfg, st) is None:
+        sys.exit(1)
+
+
+def cli() -> None:
+    if "--list" in sys.argv:
+        from your_ai import PROJECT_ROOT
+
+        list_profiles(PROJECT_ROOT / "conf" / "profile")
+        return
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,142 @@
+"""Load a real model, build the embedded tiny one, or build any model from its architecture."""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from omegaconf import DictConfig, OmegaConf
+
+from your_ai.errors import UserError
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object  # mlx-lm's TokenizerWrapper
+    config: dict  # the architecture the model was built from
+    num_layers: int
+    weight_bytes: int
+
+
+def byte_tokenizer(directory: Path) -> None:
+    """Write a byte-level BPE tokenizer (256 bytes + 3 specials) that transformers loads offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for token in SPECIAL_TOKENS.values():
+        vocab[token] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+    fast.save_pretrained(str(directory))
+
+
+def model_classes(config: dict):
+    from mlx_lm.utils import _get_classes
+
+    try:
+        return _get_classes(config)
+    except ValueError as err:
+        raise UserError(f"model.architecture: {err}") from None
+
+
+def build_from_architecture(config: dict, dtype: str, seed: int) -> nn.Module:
+    """A model of this architecture with random weights: no weights are read or downloaded."""
+    model_class, args_class = model_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return model
+
+
+def build_model_dir(path: Path, architecture: dict, seed: int = 0) -> None:
+    """Write an ordinary mlx-lm model directory with random weights and a byte-level tokenizer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model = build_from_architecture(architecture, "float32", seed)
+        mx.save_safetensors(
+            str(staging / "model.safetensors"),
+            dict(tree_flatten(model.parameters())),
+            metadata={"format": "mlx"},
+        )
+        (staging / "config.json").write_text(json.dumps(architecture, indent=2) + "\n")
+        byte_tokenizer(staging)
+        # A rename is atomic: concurrent workers either see the whole directory or none.
+        os.rename(staging, path)
+    except OSError:
+        if not path.exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+
+
+def embedded_tokenizer(models_dir: Path):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    directory = models_dir / "byte-tokenizer"
+    if not directory.exists():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".byte-tokenizer-", dir=directory.parent))
+        byte_tokenizer(staging)
+        try:
+            os.rename(staging, directory)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return load_tokenizer(directory)
+
+
+def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> LoadedModel:
+    """Load the model `model_cfg` names, frozen, ready for LoRA layers."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from mlx_lm.utils import load as mlx_lm_load
+
+    path = str(model_cfg.path)
+    local = Path(path).expanduser()
+    architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+    if model_cfg.build and not local.exists():
+        build_model_dir(local, architecture, seed)
+
+    if model_cfg.random_weights:
+        if (local / "config.json").exists():
+            architecture = json.loads((local / "config.json").read_text())
+        model = build_from_architecture(architecture, model_cfg.dtype, seed)
+        has_tokenizer = (local / "tokenizer_config.json").exists()
+        tokenizer = load_tokenizer(local) if has_tokenizer else embedded_tokenizer(Path(models_dir))
+    else:
+        if looks_local(path) and not local.exists():
+            raise UserError(f"model.path={path}: no such directory")
+        try:
+            model, tokenizer = mlx_lm_load(path)
+        except Exception as err:  # noqa: BLE001 - mlx-lm raises many kinds for a missing model
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"model.path={path}: cannot load the model ({first})") from None
+        config_file = local / "config.json"
+        if config_file.exists():
+            architecture = json.loads(config_file.read_text())
+    if model_cfg.quantize:
+        nn.quantize(
+            model,
+            group_size=int(model_cfg.quantize.group_size),
+            bits=int(model_cfg.quantize.bits),
+        )
+    model.freeze()
+    mx.eval(model.parameters())
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return LoadedModel(model, tokenizer, architecture, len(model.layers), weight_bytes)

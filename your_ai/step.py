@@ -1,0 +1,196 @@
+"""The one training step: LoRA layers, AdamW, clipping, checkpointing. The sweep measures it,
+the trainer runs it."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
+from omegaconf import DictConfig
+
+from your_ai.errors import UserError
+from your_ai.loss import distrust_term, loss_fn
+
+_CHECKPOINT_PATCHED: set[type] = set()
+
+
+def lora_parameters(lora: DictConfig, rank: int | None = None) -> dict:
+    """mlx-lm's `lora_parameters`: scale = alpha / rank, alpha = 2 x rank unless set."""
+    rank = int(rank if rank is not None else lora.rank)
+    alpha = float(lora.alpha) if lora.alpha is not None and rank == lora.rank else 2.0 * rank
+    if rank <= 0:
+        raise UserError(f"lora.rank={rank} must be positive")
+    return {"rank": rank, "scale": alpha / rank, "dropout": float(lora.dropout),
+            "keys": list(lora["keys"])}
+
+
+def _allow_checkpoint(layer_class: type) -> None:
+    """Patch the layer class once with a per-instance switch.
+
+    mlx-lm's grad_checkpoint replaces the class's __call__ each time it is applied, so applying it
+    per trial nests the wrappers and every later trial runs slower. Here the class is patched at
+    most once and each instance opts in with `_checkpoint`, so nothing accumulates across trials.
+    """
+    if layer_class in _CHECKPOINT_PATCHED:
+        return
+    original = layer_class.__call__
+
+    def call(self, *args, **kwargs):
+        if not getattr(self, "_checkpoint", False):
+            return original(self, *args, **kwargs)
+
+        def inner(params, *args, **kwargs):
+            self.update(params)
+            return original(self, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    layer_class.__call__ = call
+    _CHECKPOINT_PATCHED.add(layer_class)
+
+
+def apply_lora(model: nn.Module, num_layers: int, params: dict, grad_checkpoint: bool) -> int:
+    """LoRA on the last `num_layers` layers; returns the number of trainable parameters."""
+    total = len(model.layers)
+    if not 0 < num_layers <= total:
+        raise UserError(f"lora.num_layers={num_layers} is outside 1..{total} (the model's layers)")
+    linear_to_lora_layers(model, num_layers, params)
+    converted = sum(
+        1 for layer in model.layers for _, m in layer.named_modules() if hasattr(m, "lora_a")
+    )
+    if converted == 0:
+        raise UserError(f"lora.keys={params['keys']}: none of these modules is in the model")
+    for i, layer in enumerate(model.layers):
+        layer._checkpoint = grad_checkpoint and i >= total - num_layers
+    if grad_checkpoint:
+        _allow_checkpoint(type(model.layers[0]))
+    return sum(v.size for _, v in nn.utils.tree_flatten(model.trainable_parameters()))
+
+
+def remove_lora(model: nn.Module) -> None:
+    remove_lora_layers(model)
+    for layer in model.layers:
+        layer._checkpoint = False
+    model.freeze()
+
+
+def learning_rate_schedule(training: DictConfig, total_steps: int):
+    peak = float(training.learning_rate)
+    warmup = min(int(training.warmup_steps), max(total_steps - 1, 0))
+    decay = optim.cosine_decay(peak, max(total_steps - warmup, 1), peak * training.min_lr_ratio)
+    if warmup == 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(training: DictConfig, total_steps: int) -> optim.Optimizer:
+    return optim.AdamW(
+        learning_rate=learning_rate_schedule(training, total_steps),
+        betas=[float(b) for b in training.betas],
+        eps=float(training.eps),
+        weight_decay=float(training.weight_decay),
+    )
+
+
+@dataclass
+class StepResult:
+    loss: mx.array
+    ntoks: mx.array
+    cross_entropy: mx.array
+    distrust: mx.array
+
+
+def make_step(
+    model: nn.Module, optimizer: optim.Optimizer, cfg: DictConfig
+) -> Callable[..., StepResult]:
+    """One optimizer step over `training.grad_accumulation` micro-batches.
+
+    Called as step(micro_batches) with micro_batches a list of
+    (tokens, lengths, auth_weight, prov_entropy) tuples of mx arrays.
+    """
+    distrust = cfg.distrust
+    loss = partial(
+        loss_fn,
+        alpha=float(distrust.alpha),
+        lambda_weight=float(distrust.lambda_weight),
+        mode=str(distrust.mode),
+    )
+    loss_and_grad = nn.value_and_grad(model, loss)
+    clip = float(cfg.training.grad_clip)
+    # The optimizer state must exist before compiling: compiled functions capture its arrays.
+    optimizer.init(model.trainable_parameters())
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def update(grads):
+        if clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, clip)
+        optimizer.update(model, grads)
+
+    def single(tokens, lengths, auth, entropy):
+        (value, ntoks, ce), grads = loss_and_grad(model, tokens, lengths, auth, entropy)
+        update(grads)
+        return value, ntoks, ce
+
+    def accumulate(tokens, lengths, auth, entropy):
+        (value, ntoks, ce), grads = loss_and_grad(model, tokens, lengths, auth, entropy)
+        return value, ntoks, ce, grads
+
+    def mean_term(micro) -> mx.array:
+        # Data only, so it stays outside the compiled, differentiated function.
+        return mx.mean(distrust_term(micro[2], micro[3], float(distrust.alpha)))
+
+    apply_update = update
+    if cfg.training.compile:
+        single = mx.compile(single, inputs=state, outputs=state)
+        accumulate = mx.compile(accumulate, inputs=state, outputs=state)
+        apply_update = mx.compile(update, inputs=state, outputs=state)
+
+    def step(micro_batches) -> StepResult:
+        if len(micro_batches) == 1:
+            return StepResult(*single(*micro_batches[0]), mean_term(micro_batches[0]))
+        total_grads, values, counts, ces, terms = None, [], [], [], []
+        for micro in micro_batches:
+            value, ntoks, ce, grads = accumulate(*micro)
+            term = mean_term(micro)
+            # Weight each micro-batch by its tokens so accumulation equals one large batch.
+            grads = tree_map(lambda g, n=ntoks: g * n, grads)
+            total_grads = grads if total_grads is None else tree_map(mx.add, total_grads, grads)
+            values.append(value * ntoks), counts.append(ntoks), ces.append(ce * ntoks)
+            terms.append(term)
+        ntoks = sum(counts)
+        apply_update(tree_map(lambda g: g / ntoks, total_grads))
+        return StepResult(sum(values) / ntoks, ntoks, sum(ces) / ntoks, sum(terms) / len(terms))
+
+    return step
+
+
+def to_mx(batch) -> tuple:
+    return (
+        mx.array(batch.tokens),
+        mx.array(batch.lengths),
+        mx.array(batch.auth_weight),
+        mx.array(batch.prov_entropy),
+    )
+
+
+def split_micro_batches(batch, accumulation: int) -> list[tuple]:
+    if accumulation <= 1:
+        return [to_mx(batch)]
+    from your_ai.data import Batch
+
+    size = len(batch.lengths)
+    if size % accumulation:
+        raise UserError(
+            f"training.batch_size={size} is not divisible by "
+            f"training.grad_accumulation={accumulation}"
+        )
+    part = size // accumulation
+    return [
+        to_mx(Batch(*(getattr(batch, f)[i * part : (i + 1) * part] for f in
+                      ("tokens", "lengths", "auth_weight", "prov_entropy"))))
+        for i in range(accumulation)
+    ]

@@ -1,0 +1,220 @@
+"""The Optuna study: storage, grid, settings check, recovery of dead trials, dominance.
+
+Grid points go to trials by trial number, lightest first, so any number of workers on one
+storage measure each point exactly once. A trial whose sweep died is failed (by the heartbeat,
+or at once when its process is gone from this host) and retried with the same grid point.
+"""
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+from optuna.samplers import GridSampler
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from your_ai.errors import UserError
+
+# Trial parameters use the config's dotted names, so a trial replays as command-line overrides.
+AXES = {"batch_size": "training.batch_size", "rank": "lora.rank", "num_layers": "lora.num_layers"}
+WORKER_ATTR = "your_ai:worker"
+SURPLUS_ATTR = "your_ai:surplus"
+MEASURED = (TrialState.COMPLETE, TrialState.PRUNED)
+CLAIMED = (TrialState.RUNNING, TrialState.WAITING, *MEASURED)
+
+
+def score(params: dict) -> int:
+    return int(params[AXES["batch_size"]] * params[AXES["rank"]] * params[AXES["num_layers"]])
+
+
+def search_space(grid) -> dict[str, list[int]]:
+    space = {}
+    for axis, name in AXES.items():
+        values = grid.get(axis) if hasattr(grid, "get") else None
+        key = f"sweep.grid.{axis}"
+        if values is None or isinstance(values, (str, int)) or len(values) == 0:
+            raise UserError(f"{key}={values}: needs a non-empty list of positive integers")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"{key}: {value!r} is not a positive integer")
+        space[name] = sorted(set(int(v) for v in values))
+    return space
+
+
+def light_first(space: dict[str, list[int]]) -> list[dict]:
+    """All grid points, lighter first: each point comes after every point it dominates."""
+    names = sorted(space)
+    points = [dict(zip(names, values)) for values in GridSampler(space)._all_grids]
+    return sorted(points, key=lambda p: (score(p), *(p[AXES[a]] for a in AXES)))
+
+
+class LightFirstGridSampler(GridSampler):
+    """GridSampler whose grid order is light-first instead of shuffled.
+
+    Trial n takes grid point n. A trial numbered past the grid (after retries took numbers) takes
+    the lightest point nobody holds; should two workers pick the same one, the later trial yields.
+    """
+
+    def __init__(self, space: dict[str, list[int]]):
+        super().__init__(space, seed=0)
+        names = self._param_names
+        self._all_grids = [tuple(p[n] for n in names) for p in light_first(space)]
+
+    def before_trial(self, study, trial: FrozenTrial) -> None:
+        attrs = trial.system_attrs
+        if "grid_id" in attrs or "fixed_params" in attrs:
+            return
+        storage = study._storage
+        if trial.number < self._n_min_trials:
+            grid_id = trial.number
+        else:
+            held = held_grid_ids(study)
+            free = [i for i in range(self._n_min_trials) if i not in held]
+            if not free:
+                storage.set_trial_system_attr(trial._trial_id, SURPLUS_ATTR, True)
+            grid_id = free[0] if free else 0
+        storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+        storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        """The sweep decides when to stop; GridSampler's study.stop() is for optimize() only."""
+
+    @property
+    def size(self) -> int:
+        return self._n_min_trials
+
+
+def held_grid_ids(study, exclude: int | None = None) -> dict[int, int]:
+    """grid_id -> smallest trial number holding it (running, waiting or measured)."""
+    held: dict[int, int] = {}
+    for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=CLAIMED):
+        grid_id = t.system_attrs.get("grid_id")
+        if grid_id is None or t.number == exclude or t.system_attrs.get(SURPLUS_ATTR):
+            continue
+        held[grid_id] = min(held.get(grid_id, t.number), t.number)
+    return held
+
+
+def redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL (a journal file)
+        return url
+
+
+def open_storage(url: str, sweep) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL: RDB (sqlite, postgresql, mysql) or `journal:<file>`."""
+    try:
+        if url.startswith("journal:"):
+            path = Path(url.removeprefix("journal:").removeprefix("//"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=int(sweep.heartbeat_interval_s),
+            grace_period=int(sweep.grace_period_s),
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=int(sweep.max_retry)),
+            engine_kwargs={"pool_pre_ping": True},
+        )
+    except Exception as err:  # noqa: BLE001 - drivers raise their own kinds
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"sweep.storage={redact(url)}: cannot open the storage ({first})") from None
+
+
+def describe_differences(stored: dict, current: dict) -> str:
+    keys = sorted(set(stored) | set(current))
+    diffs = [f"{k}: stored {json.dumps(stored.get(k))}, now {json.dumps(current.get(k))}"
+             for k in keys if stored.get(k) != current.get(k)]
+    return "; ".join(diffs)
+
+
+def open_study(storage, url: str, name: str, settings: dict, space: dict):
+    """Create the study, or continue it only if it was created with the same settings."""
+    sampler = LightFirstGridSampler(space)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                    direction="maximize")
+        study.set_user_attr("settings", settings)
+        return study
+    except optuna.exceptions.DuplicatedStudyError:
+        pass
+    except Exception as err:  # noqa: BLE001
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"sweep.storage={redact(url)}: cannot use the storage ({first})") from None
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    stored = study.user_attrs.get("settings")
+    for _ in range(50):  # the worker that created it may still be writing its settings
+        if stored is not None:
+            break
+        time.sleep(0.2)
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get("settings")
+    if stored != settings:
+        raise UserError(
+            f"sweep.study_name={name}: the study in {redact(url)} was created with other "
+            f"settings ({describe_differences(stored or {}, settings)}); "
+            "choose another sweep.study_name to measure these"
+        )
+    return study
+
+
+def worker_identity() -> dict:
+    me = psutil.Process()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": me.create_time()}
+
+
+def is_alive(identity: dict) -> bool:
+    try:
+        process = psutil.Process(identity["pid"])
+        return abs(process.create_time() - identity["started"]) < 1.0
+    except (psutil.NoSuchProcess, KeyError, TypeError):
+        return False
+
+
+def recover_dead_trials(study, max_retry: int) -> list[int]:
+    """Fail and retry trials left RUNNING by sweeps that are gone; returns their numbers."""
+    storage = study._storage
+    recovered = []
+    if isinstance(storage, optuna.storages.RDBStorage):
+        # Other hosts' dead workers: their heartbeat stopped longer than the grace period ago.
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        recovered.extend(sorted(before - after))
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.system_attrs.get(WORKER_ATTR)
+        if not owner or owner.get("host") != host or is_alive(owner):
+            continue
+        # This host's dead sweeps are known at once: no need to wait for the grace period.
+        if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            RetryFailedTrialCallback(max_retry=max_retry)(study, storage.get_trial(t._trial_id))
+            recovered.append(t.number)
+    return recovered
+
+
+def dominating_trial(study, params: dict) -> FrozenTrial | None:
+    """A trial pruned for memory that is no larger on any axis: this point cannot fit either."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        if t.user_attrs.get("memory_pruned") and not t.user_attrs.get("dominated_by"):
+            if all(t.params.get(name, 1 << 60) <= params[name] for name in AXES.values()):
+                return t
+    return None
+
+
+def measured_grid_trials(study_) -> list[FrozenTrial]:
+    """One finished trial per measured grid point (failed and surplus trials left out)."""
+    return [t for t in study_.get_trials(deepcopy=False, states=MEASURED)
+            if "grid_id" in t.system_attrs and not t.system_attrs.get(SURPLUS_ATTR)]
+
+
+def describe_params(params: dict) -> str:
+    return ", ".join(f"{axis}={params[name]}" for axis, name in AXES.items())

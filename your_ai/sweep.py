@@ -1,0 +1,308 @@
+"""`python -m your_ai.sweep mode=quick|full`: the largest LoRA configuration that really fits.
+
+An Optuna grid study over batch size x LoRA rank x LoRA layers. Each trial runs real training
+steps in a worker process and is pruned when its margin-adjusted peak memory passes the limit;
+every configuration at least as large as a pruned one is pruned without running.
+"""
+
+import sys
+import time
+
+import hydra
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from your_ai import CONF_DIR, study
+from your_ai.data import validate as validate_data
+from your_ai.errors import UserError, exit_on_user_error
+from your_ai.worker import Worker
+
+OBJECTIVES = ("score", "tokens_per_sec")
+
+
+def check_config(cfg: DictConfig) -> dict:
+    sweep = cfg.sweep
+    space = study.search_space(sweep.grid)
+    if sweep.objective not in OBJECTIVES:
+        raise UserError(f"sweep.objective={sweep.objective} is not one of {', '.join(OBJECTIVES)}")
+    if sweep.data not in ("synthetic", "file"):
+        raise UserError(f"sweep.data={sweep.data} is not one of synthetic, file")
+    if not 0 <= float(sweep.margin) < 1:
+        raise UserError(f"sweep.margin={sweep.margin} is outside [0, 1)")
+    if int(sweep.steps) <= int(sweep.warmup_steps):
+        raise UserError(f"sweep.steps={sweep.steps} must exceed sweep.warmup_steps={sweep.warmup_steps}")
+    if sweep.max_memory_gb is not None and float(sweep.max_memory_gb) <= 0:
+        raise UserError(f"sweep.max_memory_gb={sweep.max_memory_gb} must be positive")
+    if int(cfg.training.max_seq_length) < 2:
+        raise UserError(f"training.max_seq_length={cfg.training.max_seq_length} must be at least 2")
+    if sweep.data == "file":
+        validate_data(cfg.data.train_file)
+    return space
+
+
+def model_source(cfg: DictConfig) -> str:
+    """Where the weights come from, the same on every host (the embedded model's path is not)."""
+    if cfg.model.build:
+        return f"embedded:{cfg.model.name}"
+    return str(cfg.model.path)
+
+
+def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: float) -> dict:
+    """Everything that decides a study's results; a study refuses to continue with others."""
+    sweep, model = cfg.sweep, cfg.model
+    return {
+        "model": model.name,
+        "model_source": model_source(cfg),
+        "random_weights": bool(model.random_weights),
+        "quantize": OmegaConf.to_container(model.quantize) if model.quantize else None,
+        "dtype": str(model.dtype),
+        "grid": {axis: space[name] for axis, name in study.AXES.items()},
+        "max_seq_length": int(cfg.training.max_seq_length),
+        "steps": int(sweep.steps),
+        "warmup_steps": int(sweep.warmup_steps),
+        "early_stop": bool(sweep.early_stop),
+        "max_memory_gb": round(float(max_memory_gb), 3),
+        "margin": float(sweep.margin),
+        "objective": str(sweep.objective),
+        "data": str(sweep.data),
+        "lora_keys": list(cfg.lora["keys"]),
+        "grad_checkpoint": bool(cfg.training.grad_checkpoint),
+        "grad_accumulation": int(cfg.training.grad_accumulation),
+        "compile": bool(cfg.training.compile),
+        "hardware": info["id"],
+    }
+
+
+def trial_line(position: int, total: int, params: dict, attrs: dict) -> str:
+    head = f"[{position}/{total}] {study.describe_params(params)} ..."
+    if attrs.get("dominated_by_params"):
+        return f"{head} ✗ dominated by {attrs['dominated_by_params']}"
+    if attrs.get("state") == "complete":
+        return (f"{head} ✓ {attrs['peak_memory_mb']:.0f} MB, {attrs['step_time_s']:.2f}s/step, "
+                f"{attrs['tokens_per_sec']:.0f} tok/s")
+    if attrs.get("memory_pruned"):
+        return f"{head} ✗ pruned: {attrs['reason']}"
+    return f"{head} ✗ failed: {attrs.get('reason')}"
+
+
+def result_attrs(result: dict, params: dict, info: dict, limits: dict) -> dict:
+    attrs = {
+        "state": result["state"],
+        "score": study.score(params),
+        "steps_run": result.get("steps_run", 0),
+        "memory_pruned": bool(result.get("memory")),
+        "device": info["name"],
+        "hardware": info["id"],
+        "blas": info.get("blas"),
+        "baseline_mb": round(limits["baseline_bytes"] / 1e6, 1),
+        "max_memory_gb": round(limits["max_bytes"] / 1e9, 3),
+    }
+    if "peak_bytes" in result:
+        attrs["peak_memory_mb"] = round(result["peak_bytes"] / 1e6, 1)
+        attrs["peak_memory_gb_with_margin"] = round(
+            result["peak_bytes"] * (1 + limits["margin"]) / 1e9, 4)
+    for key in ("step_time_s", "tokens_per_sec", "setup_s", "first_step_s", "total_s",
+                "loss_first", "loss_last", "trainable_params", "early_stopped", "reason"):
+        if key in result:
+            value = result[key]
+            attrs[key] = round(value, 4) if isinstance(value, float) else value
+    if "mlx_peak_bytes" in result:
+        attrs["mlx_peak_mb"] = round(result["mlx_peak_bytes"] / 1e6, 1)
+    return attrs
+
+
+class Heartbeat:
+    """Tells the storage this sweep is alive, so other workers do not retake its trial."""
+
+    def __init__(self, storage, trial_id: int, interval: float):
+        self.enabled = isinstance(storage, optuna.storages.RDBStorage) and interval > 0
+        self.storage, self.trial_id, self.interval, self.last = storage, trial_id, interval, 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self.last = now
+
+
+def has_work(st, size: int) -> bool:
+    if st.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return True
+    return len(study.held_grid_ids(st)) < size
+
+
+def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, out) -> int:
+    sampler: study.LightFirstGridSampler = st.sampler
+    space = {name: sorted(values) for name, values in sampler._search_space.items()}
+    size = sampler.size
+    max_retry = int(cfg.sweep.max_retry)
+    ran = 0
+    bar = tqdm(total=size, initial=len(study.measured_grid_trials(st)), desc="sweep", unit="trial",
+               file=sys.stderr, dynamic_ncols=True, disable=None)
+    waiting_said = False
+    try:
+        while True:
+            recovered = study.recover_dead_trials(st, max_retry)
+            if recovered:
+                tqdm.write(f"retrying trials of a sweep that died: {recovered}", file=out)
+            if not has_work(st, size):
+                running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if not running:
+                    break
+                # Wait for other workers: if one dies, its trial comes back to be measured.
+                if not waiting_said:
+                    tqdm.write(f"waiting for {len(running)} trial(s) of other workers", file=out)
+                    waiting_said = True
+                time.sleep(2.0)
+                bar.n = len(study.measured_grid_trials(st))
+                bar.refresh()
+                continue
+            trial = st.ask()
+            system = st._storage.get_trial_system_attrs(trial._trial_id)
+            if system.get(study.SURPLUS_ATTR):
+                st.tell(trial, state=TrialState.FAIL)
+                continue
+            params = {name: trial.suggest_categorical(name, space[name]) for name in sorted(space)}
+            grid_id = system["grid_id"]
+            holder = study.held_grid_ids(st, exclude=trial.number).get(grid_id)
+            if holder is not None and holder < trial.number:
+                trial.set_user_attr("duplicate_of", holder)
+                st.tell(trial, state=TrialState.FAIL)
+                continue
+            st._storage.set_trial_system_attr(trial._trial_id, study.WORKER_ATTR,
+                                              study.worker_identity())
+            position = grid_id + 1
+            dominator = study.dominating_trial(st, params)
+            if dominator is not None:
+                attrs = {"state": "pruned", "memory_pruned": True, "score": study.score(params),
+                         "dominated_by": dominator.number,
+                         "dominated_by_params": study.describe_params(dominator.params),
+                         "reason": f"dominated by {study.describe_params(dominator.params)}",
+                         "steps_run": 0}
+                for key, value in attrs.items():
+                    trial.set_user_attr(key, value)
+                st.tell(trial, state=TrialState.PRUNED)
+            else:
+                beat = Heartbeat(st._storage, trial._trial_id, float(cfg.sweep.heartbeat_interval_s))
+                try:
+                    result = worker.run(params, limits, lambda s: None, beat)
+                except BaseException:
+                    # Interrupted: give the trial back so the next run measures it.
+                    st._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+                    study.RetryFailedTrialCallback(max_retry)(st, st._storage.get_trial(trial._trial_id))
+                    raise
+                attrs = result_attrs(result, params, worker.info or info, limits)
+                for key, value in attrs.items():
+                    trial.set_user_attr(key, value)
+                if result["state"] == "complete":
+                    value = attrs["score"] if cfg.sweep.objective == "score" else attrs["tokens_per_sec"]
+                    st.tell(trial, value)
+                elif result["state"] == "pruned":
+                    st.tell(trial, state=TrialState.PRUNED)
+                else:
+                    st.tell(trial, state=TrialState.FAIL)
+                ran += 1
+            tqdm.write(trial_line(position, size, params, attrs), file=out)
+            bar.n = len(study.measured_grid_trials(st))
+            bar.refresh()
+    finally:
+        bar.close()
+    return ran
+
+
+def summarize(st, out) -> dict:
+    trials = study.measured_grid_trials(st)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    dominated = [t for t in trials if t.user_attrs.get("dominated_by_params")]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    ranked = sorted(complete, key=lambda t: (t.value, t.user_attrs.get("tokens_per_sec", 0)),
+                    reverse=True)
+    summary = {"tested": len(trials) - len(dominated), "passed": len(complete),
+               "pruned": len(pruned), "dominated": len(dominated),
+               "best": ranked[0] if ranked else None, "top": ranked[:5]}
+    print(f"\ntested {summary['tested']}, passed {summary['passed']}, pruned {summary['pruned']} "
+          f"({summary['dominated']} by dominance, without running)", file=out)
+    if not ranked:
+        print("no configuration fits within the memory limit", file=out)
+        return summary
+    best = ranked[0]
+    a, p = best.user_attrs, best.params
+    print(f"optimal: batch_size={p['training.batch_size']}, rank={p['lora.rank']}, "
+          f"alpha={2 * p['lora.rank']}, layers={p['lora.num_layers']}, "
+          f"peak {a['peak_memory_mb']:.0f} MB ({a['peak_memory_gb_with_margin']:.2f} GB with margin), "
+          f"{a['step_time_s']:.2f}s/step, {a['tokens_per_sec']:.0f} tok/s", file=out)
+    print(f"\n{'#':>4} {'batch':>5} {'rank':>5} {'layers':>6} {'score':>7} {'peak MB':>9} "
+          f"{'s/step':>7} {'tok/s':>8}", file=out)
+    for t in ranked[:5]:
+        a, p = t.user_attrs, t.params
+        print(f"{t.number:>4} {p['training.batch_size']:>5} {p['lora.rank']:>5} "
+              f"{p['lora.num_layers']:>6} {a['score']:>7} {a['peak_memory_mb']:>9.0f} "
+              f"{a['step_time_s']:>7.2f} {a['tokens_per_sec']:>8.0f}", file=out)
+    return summary
+
+
+def study_name(cfg: DictConfig) -> str:
+    return str(cfg.sweep.study_name or f"{cfg.model.name}-{cfg.sweep.mode}")
+
+
+def run(cfg: DictConfig, out=sys.stdout) -> dict:
+    """Run (or resume) the sweep; returns the summary and the study."""
+    space = check_config(cfg)
+    url = str(cfg.sweep.storage)
+    storage = study.open_storage(url, cfg.sweep)
+    worker = Worker(cfg)
+    info = worker.start()
+    try:
+        layers = max(space[study.AXES["num_layers"]])
+        if layers > info["num_layers"]:
+            raise UserError(f"sweep.grid.num_layers: {layers} is more than the model's "
+                            f"{info['num_layers']} layers")
+        max_gb = cfg.sweep.max_memory_gb
+        max_gb = float(max_gb) if max_gb is not None else 0.8 * info["memory_bytes"] / 1e9
+        margin = float(cfg.sweep.margin)
+        floor = (info["weight_bytes"] + info["baseline_bytes"]) * (1 + margin) / 1e9
+        if floor > max_gb:
+            raise UserError(f"sweep.max_memory_gb={max_gb:g} is below what the model's own weights "
+                            f"need ({floor:.3f} GB with the {margin:.0%} margin)")
+        name = study_name(cfg)
+        settings = study_settings(cfg, space, info, max_gb)
+        st = study.open_study(storage, url, name, settings, space)
+        st.set_user_attr("device", {k: info[k] for k in ("backend", "name", "memory_gb", "id")})
+        size = st.sampler.size
+        print(f"your_ai sweep | model {cfg.model.name} ({info['num_layers']} layers, "
+              f"{info['weight_bytes'] / 1e6:.1f} MB weights) | max memory {max_gb:.2f} GB "
+              f"(margin {margin:.0%}) | mode {cfg.sweep.mode}, {size} configurations | "
+              f"device {info['backend']}: {info['name']}, {info['memory_gb']} GB, BLAS {info['blas']} | "
+              f"study {name} in {study.redact(url)}", file=out)
+        limits = {"max_bytes": max_gb * 1e9, "margin": margin,
+                  "baseline_bytes": int(info["baseline_bytes"])}
+        started = time.monotonic()
+        ran = run_trials(cfg, st, worker, info, limits, out)
+    finally:
+        worker.stop()
+    summary = summarize(st, out)
+    summary.update(study=st, ran=ran, wall_s=time.monotonic() - started, study_name=name)
+    if cfg.sweep.export and summary["best"] is not None:
+        from your_ai import export
+
+        export.export(cfg, st, out=out)
+    if cfg.sweep.report and study.measured_grid_trials(st):
+        from your_ai import report
+
+        report.write(cfg, st, out=out)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summary = run(cfg)
+    if summary["best"] is None:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

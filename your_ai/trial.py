@@ -1,0 +1,132 @@
+"""One trial inside a worker: real training steps of one configuration, measured and pruned."""
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+from omegaconf import DictConfig, OmegaConf
+
+from your_ai import data, step
+from your_ai.models import LoadedModel
+
+OOM_MARKERS = ("out of memory", "outofmemory", "unable to allocate", "cudamalloc", "oom")
+
+
+@dataclass
+class Limits:
+    max_bytes: float  # the memory the margin-adjusted peak may reach
+    margin: float
+    baseline_bytes: int  # process memory outside MLX's allocator
+
+
+def trial_config(cfg: DictConfig, params: dict) -> DictConfig:
+    """The run config of one grid point: the trial's dotted parameters override the base."""
+    trial_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in params.items()]))
+    trial_cfg.lora.alpha = None  # alpha follows the rank (2 x rank) in a sweep
+    return trial_cfg
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return any(marker in text for marker in OOM_MARKERS)
+
+
+def stable(times: list[float], peaks: list[int], window: int, tolerance: float) -> bool:
+    """Peak memory has stopped growing and the step-time estimate agrees over `window` steps."""
+    if len(times) < window or len(peaks) < window:
+        return False
+    recent = times[-window:]
+    median = statistics.median(recent)
+    return peaks[-1] == peaks[-window] and (max(recent) - min(recent)) <= tolerance * median
+
+
+def measure(
+    loaded: LoadedModel,
+    cfg: DictConfig,
+    params: dict,
+    limits: Limits,
+    on_step: Callable[[dict], None] = lambda _: None,
+) -> dict:
+    """Run the configuration's training steps; returns the measurements as a plain dict."""
+    run_cfg = trial_config(cfg, params)
+    sweep = cfg.sweep
+    batch_size = int(run_cfg.training.batch_size)
+    seq = int(run_cfg.training.max_seq_length)
+    # Start from a clean allocator so the previous trial's buffers neither count nor linger.
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    started = time.perf_counter()
+    model = loaded.model
+    result: dict = {"steps_run": 0}
+    try:
+        result["trainable_params"] = step.apply_lora(
+            model,
+            int(run_cfg.lora.num_layers),
+            step.lora_parameters(run_cfg.lora),
+            bool(run_cfg.training.grad_checkpoint),
+        )
+        optimizer = step.make_optimizer(run_cfg.training, int(sweep.steps))
+        train_step = step.make_step(model, optimizer, run_cfg)
+        if sweep.data == "file":
+            batch = data.packed_batch(run_cfg.data.train_file, loaded.tokenizer, batch_size, seq)
+        else:
+            vocab = int(loaded.config.get("vocab_size", 256))
+            batch = data.synthetic_batch(vocab, batch_size, seq, int(cfg.seed))
+        micro_batches = step.split_micro_batches(batch, int(run_cfg.training.grad_accumulation))
+        times, peaks, losses = [], [], []
+        warmup = int(sweep.warmup_steps)
+        for index in range(int(sweep.steps)):
+            tick = time.perf_counter()
+            out = train_step(micro_batches)
+            mx.eval(out.loss, model.state, optimizer.state)
+            elapsed = time.perf_counter() - tick
+            if index == 0:
+                result["setup_s"] = tick - started
+                result["first_step_s"] = elapsed
+            peak = mx.get_peak_memory() + limits.baseline_bytes
+            adjusted = peak * (1.0 + limits.margin)
+            losses.append(out.loss.item())
+            peaks.append(peak)
+            if index >= warmup:
+                times.append(elapsed)
+            result["steps_run"] = index + 1
+            on_step({"step": index + 1, "seconds": elapsed, "peak_bytes": peak,
+                     "adjusted_bytes": adjusted, "loss": losses[-1]})
+            if adjusted > limits.max_bytes:
+                result.update(state="pruned", memory=True, peak_bytes=peak,
+                              reason=f"{adjusted / 1e9:.2f} GB > {limits.max_bytes / 1e9:.2f} GB")
+                return result
+            if sweep.early_stop and stable(times, peaks, int(sweep.stable_steps),
+                                           float(sweep.stable_tolerance)):
+                result["early_stopped"] = True
+                break
+        median = statistics.median(times) if times else elapsed
+        result.update(
+            state="complete",
+            peak_bytes=peaks[-1],
+            mlx_peak_bytes=peaks[-1] - limits.baseline_bytes,
+            step_time_s=median,
+            tokens_per_sec=batch_size * seq / median,
+            loss_first=losses[0],
+            loss_last=losses[-1],
+            total_s=time.perf_counter() - started,
+        )
+        return result
+    except Exception as err:  # noqa: BLE001 - the kinds of allocation failure differ per backend
+        if not is_out_of_memory(err):
+            raise
+        peak = mx.get_peak_memory() + limits.baseline_bytes
+        first_line = str(err).strip().splitlines()[0][:200]
+        result.update(state="pruned", memory=True, peak_bytes=peak,
+                      reason=f"out of memory: {first_line}")
+        return result
+    finally:
+        step.remove_lora(model)
+        # Drop every reference to this trial's arrays before the next one measures.
+        train_step = optimizer = micro_batches = batch = None  # noqa: F841
+        gc.collect()
+        mx.clear_cache()
