@@ -9,16 +9,21 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import optuna
 import psutil
 from optuna.samplers import GridSampler
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from your_ai.errors import UserError
+
+# Heartbeats are used with ask/tell here (the sweep records them while a worker measures).
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 # Trial parameters use the config's dotted names, so a trial replays as command-line overrides.
 AXES = {"batch_size": "training.batch_size", "rank": "lora.rank", "num_layers": "lora.num_layers"}
@@ -122,7 +127,7 @@ def open_storage(url: str, sweep) -> optuna.storages.BaseStorage:
             url,
             heartbeat_interval=int(sweep.heartbeat_interval_s),
             grace_period=int(sweep.grace_period_s),
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=int(sweep.max_retry)),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=int(sweep.max_retry)),
             engine_kwargs={"pool_pre_ping": True},
         )
     except Exception as err:  # noqa: BLE001 - drivers raise their own kinds
@@ -196,7 +201,7 @@ def recover_dead_trials(study, max_retry: int) -> list[int]:
             continue
         # This host's dead sweeps are known at once: no need to wait for the grace period.
         if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-            RetryFailedTrialCallback(max_retry=max_retry)(study, storage.get_trial(t._trial_id))
+            RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, storage.get_trial(t._trial_id))
             recovered.append(t.number)
     return recovered
 

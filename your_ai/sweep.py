@@ -191,7 +191,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                 except BaseException:
                     # Interrupted: give the trial back so the next run measures it.
                     st._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-                    study.RetryFailedTrialCallback(max_retry)(st, st._storage.get_trial(trial._trial_id))
+                    study.RetryHeartbeatStaleTrialCallback(max_retry)(st, st._storage.get_trial(trial._trial_id))
                     raise
                 attrs = result_attrs(result, params, worker.info or info, limits)
                 for key, value in attrs.items():

@@ -12,7 +12,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from your_ai import blas
 from your_ai.errors import UserError
@@ -58,6 +58,17 @@ def worker_main(conn, cfg_container: dict) -> None:
             conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
 
 
+def plain_config(cfg: DictConfig) -> dict:
+    """The config, resolved, for another process (which has no Hydra run of its own)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - composed without a Hydra run: no output dir to resolve
+        copy = cfg.copy()
+        with open_dict(copy):
+            copy.paths.output_dir = None
+        return OmegaConf.to_container(copy, resolve=True)
+
+
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "still running"
@@ -81,13 +92,13 @@ class Worker:
     def start(self) -> dict:
         context = mp.get_context("spawn")
         parent, child = context.Pipe()
-        extra = blas.preload_env(str(self.cfg.sweep.blas))
+        extra = blas.preload_env(str(self.cfg.blas))
         saved = {k: os.environ.get(k) for k in extra}
         os.environ.update(extra)  # a spawned interpreter inherits the environment at start
         try:
             self.process = context.Process(
                 target=worker_main,
-                args=(child, OmegaConf.to_container(self.cfg, resolve=True)),
+                args=(child, plain_config(self.cfg)),
                 daemon=True,
             )
             self.process.start()

@@ -1,0 +1,54 @@
+"""Shared fixtures: configs composed with Hydra's compose API, every output under tmp_path."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import your_ai
+
+ROOT = your_ai.PROJECT_ROOT
+# A small grid over the tiny model: 2 x 2 x 2 points, a few steps each.
+SMALL_GRID = [
+    "sweep.grid.batch_size=[1,2]",
+    "sweep.grid.rank=[4,8]",
+    "sweep.grid.num_layers=[2,4]",
+    "sweep.steps=4",
+    "sweep.warmup_steps=1",
+    "sweep.early_stop=false",
+]
+
+
+def isolated(tmp: Path) -> list[str]:
+    return [
+        f"sweep.storage=sqlite:///{tmp}/optuna.db",
+        f"paths.sweeps={tmp}/sweeps",
+        f"paths.profiles={tmp}/profiles",
+        f"paths.output_dir={tmp}/run",
+        "sweep.report=false",
+    ]
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "config"):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides or [])
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def make(*overrides: str, tmp: Path | None = None):
+        return compose_config([*isolated(tmp or tmp_path), *overrides])
+
+    return make
+
+
+def command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def command_env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,69 @@
+"""Adapters in mlx-lm's format, and resumable checkpoints that a kill cannot corrupt."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from your_ai.export import atomic_write
+
+ADAPTER_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+LATEST = "latest"
+KEEP = 2
+
+
+def save_adapters(model: nn.Module, directory: Path, adapter_config: dict) -> None:
+    """`adapters.safetensors` + `adapter_config.json`, as mlx_lm.generate and mlx_lm.fuse read them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".adapters.", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    mx.save_safetensors(tmp, dict(tree_flatten(model.trainable_parameters())))
+    os.replace(tmp, directory / ADAPTER_FILE)
+    atomic_write(directory / CONFIG_FILE, json.dumps(adapter_config, indent=2) + "\n")
+
+
+def save(root: Path, step: int, model: nn.Module, optimizer: optim.Optimizer,
+         adapter_config: dict, state: dict) -> Path:
+    """A complete checkpoint directory, renamed into place, then `latest` pointed at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    save_adapters(model, staging, adapter_config)
+    optimizer_state = dict(tree_flatten(optimizer.state))
+    mx.save_safetensors(str(staging / "optimizer.safetensors"), optimizer_state)
+    random_state = {f"{i}": a for i, a in enumerate(mx.random.state)}
+    mx.save_safetensors(str(staging / "random.safetensors"), random_state)
+    (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    atomic_write(root / LATEST, name + "\n")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(root: Path) -> Path | None:
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    directory = root / pointer.read_text().strip()
+    return directory if (directory / "state.json").exists() else None
+
+
+def restore(directory: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
+    """Load adapters, optimizer state and the random state; returns state.json."""
+    model.load_weights(str(directory / ADAPTER_FILE), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(directory / "optimizer.safetensors")).items()))
+    saved = mx.load(str(directory / "random.safetensors"))
+    mx.random.state[:] = [saved[str(i)] for i in range(len(saved))]
+    mx.eval(model.parameters(), optimizer.state)
+    return json.loads((directory / "state.json").read_text())

@@ -1,0 +1,165 @@
+"""`python -m your_ai.train +profile=best`: LoRA fine-tuning with the Empirical Distrust loss.
+
+The step is the one the sweep measures (your_ai.step). Adapters are saved in mlx-lm's format.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import mlx.core as mx
+from omegaconf import DictConfig, open_dict
+from tqdm import tqdm
+
+from your_ai import CONF_DIR, blas, checkpoint, data, device, models, step
+from your_ai.errors import UserError, exit_on_user_error
+from your_ai.loss import MODES
+
+
+def profile_warning(cfg: DictConfig, hardware_id: str) -> str | None:
+    measured = cfg.get("measured")
+    if not measured:
+        return None
+    if measured.model != cfg.model.name or measured.hardware != hardware_id:
+        return (f"warning: profile measured for model {measured.model} on {measured.hardware}; "
+                f"this run is model {cfg.model.name} on {hardware_id}")
+    return None
+
+
+def apply_sweep_winner(cfg: DictConfig) -> DictConfig:
+    """auto_optimize: run (or reuse) the quick sweep and train with its best configuration."""
+    from your_ai import sweep
+
+    with open_dict(cfg):
+        cfg.sweep.export = False
+    summary = sweep.run(cfg)
+    best = summary["best"]
+    if best is None:
+        raise UserError("auto_optimize: no configuration of the sweep fits within the memory "
+                        "limit (sweep.max_memory_gb); nothing to train")
+    with open_dict(cfg):
+        cfg.training.batch_size = best.params["training.batch_size"]
+        cfg.lora.rank = best.params["lora.rank"]
+        cfg.lora.alpha = 2 * best.params["lora.rank"]
+        cfg.lora.num_layers = best.params["lora.num_layers"]
+    return cfg
+
+
+def adapter_config(cfg: DictConfig, lora_params: dict) -> dict:
+    """The fields mlx-lm's adapter loader reads, and what produced them."""
+    return {
+        "fine_tune_type": "lora",
+        "model": str(cfg.model.path),
+        "num_layers": int(cfg.lora.num_layers),
+        "lora_parameters": lora_params,
+        "batch_size": int(cfg.training.batch_size),
+        "max_seq_length": int(cfg.training.max_seq_length),
+        "iters": int(cfg.training.max_steps),
+        "learning_rate": float(cfg.training.learning_rate),
+        "grad_checkpoint": bool(cfg.training.grad_checkpoint),
+        "distrust": {k: cfg.distrust[k] for k in ("alpha", "lambda_weight", "mode")},
+    }
+
+
+def check(cfg: DictConfig) -> None:
+    training = cfg.training
+    for key in ("batch_size", "max_steps", "max_seq_length", "grad_accumulation", "save_every"):
+        if int(training[key]) <= 0:
+            raise UserError(f"training.{key}={training[key]} must be positive")
+    if cfg.distrust.mode not in MODES:
+        raise UserError(f"distrust.mode={cfg.distrust.mode} is not one of {', '.join(MODES)}")
+    if not 0 <= float(cfg.distrust.lambda_weight) <= 1:
+        raise UserError(f"distrust.lambda_weight={cfg.distrust.lambda_weight} is outside [0, 1]")
+
+
+def run(cfg: DictConfig, out=sys.stdout) -> dict:
+    """Train; returns the final metrics and where the adapters went."""
+    check(cfg)
+    hardware = device.describe()
+    warning = profile_warning(cfg, hardware["id"])
+    if warning:
+        print(warning, file=sys.stderr)
+    if cfg.auto_optimize:
+        cfg = apply_sweep_winner(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    training = cfg.training
+    examples = data.validate(cfg.data.train_file)
+    loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
+    model = loaded.model
+    lora_params = step.lora_parameters(cfg.lora)
+    trainable = step.apply_lora(model, int(cfg.lora.num_layers), lora_params,
+                                bool(training.grad_checkpoint))
+    max_steps = int(training.max_steps)
+    optimizer = step.make_optimizer(training, max_steps)
+    mx.random.seed(int(cfg.seed))
+    train_step = step.make_step(model, optimizer, cfg)
+    checkpoints = output_dir / "checkpoints"
+    first_step, position = 1, 0
+    if cfg.resume:
+        latest = checkpoint.latest(checkpoints)
+        if latest is None:
+            raise UserError(f"resume=true: no checkpoint in {checkpoints}")
+        state = checkpoint.restore(latest, model, optimizer)
+        first_step, position = state["step"] + 1, state["position"]
+    adapters = adapter_config(cfg, lora_params)
+    print(f"your_ai train | model {cfg.model.name} | {examples} examples in {cfg.data.train_file} | "
+          f"batch {training.batch_size}, rank {lora_params['rank']}, layers {cfg.lora.num_layers}, "
+          f"seq {training.max_seq_length} | {trainable} trainable parameters | distrust "
+          f"{cfg.distrust.mode} | device {hardware['backend']}: {hardware['name']}, BLAS "
+          f"{blas.active_blas()} | output {output_dir}", file=out)
+    batches = data.iterate_batches(cfg.data.train_file, loaded.tokenizer, int(training.batch_size),
+                                   int(training.max_seq_length), start=position)
+    metrics_file = output_dir / "metrics.jsonl"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {}
+    bar = tqdm(total=max_steps, initial=first_step - 1, desc="train", unit="step",
+               file=sys.stderr, dynamic_ncols=True, disable=None)
+    with metrics_file.open("a") as log:
+        for index in range(first_step, max_steps + 1):
+            batch = next(batches)
+            tick = time.perf_counter()
+            result = train_step(step.split_micro_batches(batch, int(training.grad_accumulation)))
+            mx.eval(result.loss, model.state, optimizer.state)
+            seconds = time.perf_counter() - tick
+            metrics = {
+                "step": index,
+                "loss": result.loss.item(),
+                "cross_entropy": result.cross_entropy.item(),
+                "distrust": result.distrust.item(),
+                "learning_rate": optimizer.learning_rate.item(),
+                "tokens": batch.num_tokens,
+                "tokens_per_sec": batch.num_tokens / seconds,
+                "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                "seconds": seconds,
+            }
+            log.write(json.dumps(metrics) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.2e}",
+                            tok_s=f"{metrics['tokens_per_sec']:.0f}",
+                            mem=f"{metrics['peak_memory_gb']:.2f}GB")
+            if index % int(training.log_every) == 0:
+                log.flush()
+                tqdm.write(f"step {index}: loss {metrics['loss']:.4f}, "
+                           f"ce {metrics['cross_entropy']:.4f}, lr {metrics['learning_rate']:.2e}, "
+                           f"{metrics['tokens_per_sec']:.0f} tok/s, "
+                           f"peak {metrics['peak_memory_gb']:.3f} GB", file=out)
+            if index % int(training.save_every) == 0 or index == max_steps:
+                checkpoint.save_adapters(model, output_dir / "adapters", adapters)
+                checkpoint.save(checkpoints, index, model, optimizer, adapters,
+                                {"position": batch.position})
+    bar.close()
+    print(f"adapters: {output_dir / 'adapters'}", file=out)
+    return {"metrics": metrics, "adapters": output_dir / "adapters", "output_dir": output_dir}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    blas.reexec_with_blas("off" if "blas=off" in sys.argv else "auto", "your_ai.train")
+    main()
