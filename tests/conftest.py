@@ -52,3 +52,13 @@ def command(module: str, *args: str) -> list[str]:
 
 def command_env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def small_sweep(tmp_path_factory):
+    """One finished sweep of the small grid, no memory limit: (cfg, summary)."""
+    from your_ai import sweep
+
+    tmp = tmp_path_factory.mktemp("small-sweep")
+    cfg = compose_config([*isolated(tmp), *SMALL_GRID, "sweep.study_name=small"])
+    return cfg, sweep.run(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from your_ai.export import atomic_write
 
@@ -38,8 +38,6 @@ def save(root: Path, step: int, model: nn.Module, optimizer: optim.Optimizer,
     save_adapters(model, staging, adapter_config)
     optimizer_state = dict(tree_flatten(optimizer.state))
     mx.save_safetensors(str(staging / "optimizer.safetensors"), optimizer_state)
-    random_state = {f"{i}": a for i, a in enumerate(mx.random.state)}
-    mx.save_safetensors(str(staging / "random.safetensors"), random_state)
     (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
     final = root / name
     if final.exists():
@@ -59,11 +57,20 @@ def latest(root: Path) -> Path | None:
     return directory if (directory / "state.json").exists() else None
 
 
+def assign_leaves(tree, flat: dict) -> None:
+    """Set saved arrays into an initialised state tree in place: a compiled step holds on to the
+    optimizer's state containers themselves, so they must not be replaced."""
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(leaf) if isinstance(node, list) else leaf] = value
+
+
 def restore(directory: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
-    """Load adapters, optimizer state and the random state; returns state.json."""
+    """Load adapters and optimizer state; returns state.json."""
     model.load_weights(str(directory / ADAPTER_FILE), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(directory / "optimizer.safetensors")).items()))
-    saved = mx.load(str(directory / "random.safetensors"))
-    mx.random.state[:] = [saved[str(i)] for i in range(len(saved))]
+    assign_leaves(optimizer.state, mx.load(str(directory / "optimizer.safetensors")))
     mx.eval(model.parameters(), optimizer.state)
     return json.loads((directory / "state.json").read_text())

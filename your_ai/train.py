@@ -89,18 +89,18 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
     model = loaded.model
     lora_params = step.lora_parameters(cfg.lora)
+    mx.random.seed(int(cfg.seed))  # the same LoRA initialisation on every run of this config
     trainable = step.apply_lora(model, int(cfg.lora.num_layers), lora_params,
                                 bool(training.grad_checkpoint))
     max_steps = int(training.max_steps)
     optimizer = step.make_optimizer(training, max_steps)
-    mx.random.seed(int(cfg.seed))
-    train_step = step.make_step(model, optimizer, cfg)
     checkpoints = output_dir / "checkpoints"
+    latest = checkpoint.latest(checkpoints) if cfg.resume else None
+    if cfg.resume and latest is None:
+        raise UserError(f"resume=true: no checkpoint in {checkpoints}")
+    train_step = step.make_step(model, optimizer, cfg)  # initialises the optimizer state
     first_step, position = 1, 0
-    if cfg.resume:
-        latest = checkpoint.latest(checkpoints)
-        if latest is None:
-            raise UserError(f"resume=true: no checkpoint in {checkpoints}")
+    if latest is not None:
         state = checkpoint.restore(latest, model, optimizer)
         first_step, position = state["step"] + 1, state["position"]
     adapters = adapter_config(cfg, lora_params)
@@ -119,6 +119,8 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     with metrics_file.open("a") as log:
         for index in range(first_step, max_steps + 1):
             batch = next(batches)
+            # Randomness (LoRA dropout) is a function of the step, so a resumed run repeats it.
+            mx.random.seed(int(cfg.seed) * 1_000_003 + index)
             tick = time.perf_counter()
             result = train_step(step.split_micro_batches(batch, int(training.grad_accumulation)))
             mx.eval(result.loss, model.state, optimizer.state)
@@ -151,7 +153,8 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
                                 {"position": batch.position})
     bar.close()
     print(f"adapters: {output_dir / 'adapters'}", file=out)
-    return {"metrics": metrics, "adapters": output_dir / "adapters", "output_dir": output_dir}
+    return {"metrics": metrics, "adapters": output_dir / "adapters", "output_dir": output_dir,
+            "model": model, "tokenizer": loaded.tokenizer}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

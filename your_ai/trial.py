@@ -62,6 +62,7 @@ def measure(
     started = time.perf_counter()
     model = loaded.model
     result: dict = {"steps_run": 0}
+    mx.random.seed(int(cfg.seed))
     try:
         result["trainable_params"] = step.apply_lora(
             model,

@@ -1,0 +1,125 @@
+"""Loss values and gradients of both distrust modes against a hand computation."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from your_ai import loss, models, step
+from your_ai.loss import distrust_term, loss_fn, sample_weights
+
+ALPHA, LAMBDA = 2.7, 0.6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"paths.models={tmp_path_factory.mktemp('models')}"])
+    loaded = models.load(cfg.model, cfg.paths.models)
+    step.apply_lora(loaded.model, 2, step.lora_parameters(cfg.lora, 4), False)
+    # Non-zero LoRA B so gradients reach every LoRA matrix.
+    mx.random.seed(1)
+    loaded.model.load_weights(
+        [(n, mx.random.normal(p.shape) * 0.02) for n, p in
+         tree_flatten(loaded.model.trainable_parameters()) if n.endswith("lora_b")],
+        strict=False,
+    )
+    return loaded
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    tokens = mx.array(rng.integers(0, 256, size=(2, 12), dtype=np.int32))
+    lengths = mx.array([12, 7])
+    # Sample 0: primary source (low authority, high entropy); sample 1: official, low entropy.
+    auth = mx.array([0.05, 0.9])
+    entropy = mx.array([6.0, 0.5])
+    return tokens, lengths, auth, entropy
+
+
+def test_distrust_term_by_hand():
+    auth, entropy = mx.array([0.05, 0.9]), mx.array([6.0, 0.5])
+    expected = [ALPHA * (math.log(1 - a + 1e-8) + h) ** 2 for a, h in ((0.05, 6.0), (0.9, 0.5))]
+    assert np.allclose(np.array(distrust_term(auth, entropy, ALPHA)), expected, rtol=1e-5)
+
+
+def per_sample_ce(model, tokens, lengths):
+    """Cross-entropy summed per sample, computed without the library's masking helper."""
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    sums = []
+    for i in range(tokens.shape[0]):
+        n = int(lengths[i].item()) - 1
+        picked = [logp[i, t, int(tokens[i, t + 1].item())] for t in range(n)]
+        sums.append(-mx.sum(mx.stack(picked)))
+    return mx.stack(sums), lengths - 1
+
+
+def test_loss_values_by_hand(tiny):
+    tokens, lengths, auth, entropy = batch()
+    sums, counts = per_sample_ce(tiny.model, tokens, lengths)
+    ntoks = counts.sum().item()
+    terms = np.array(distrust_term(auth, entropy, ALPHA))
+    plain = sums.sum().item() / ntoks
+
+    additive, n, ce = loss_fn(tiny.model, tokens, lengths, auth, entropy, ALPHA, LAMBDA, "additive")
+    assert n.item() == ntoks == 11 + 6  # padding never counts
+    assert ce.item() == pytest.approx(plain, rel=1e-5)
+    assert additive.item() == pytest.approx(plain + LAMBDA * terms.mean(), rel=1e-5)
+
+    weights = (1 - LAMBDA) + LAMBDA * terms / terms.mean()
+    weighted, _, _ = loss_fn(tiny.model, tokens, lengths, auth, entropy, ALPHA, LAMBDA, "weighted")
+    assert weighted.item() == pytest.approx((weights * np.array(sums)).sum() / ntoks, rel=1e-5)
+
+
+def grads(model, mode=None, weights=None):
+    tokens, lengths, auth, entropy = batch()
+
+    def objective(m):
+        if mode is not None:
+            return loss_fn(m, tokens, lengths, auth, entropy, ALPHA, LAMBDA, mode)[0]
+        sums, counts = per_sample_ce(m, tokens, lengths)
+        w = mx.ones(2) if weights is None else weights
+        return (w * sums).sum() / counts.sum()
+
+    _, g = nn.value_and_grad(model, objective)(model)
+    return dict(tree_flatten(g))
+
+
+def test_additive_gradient_equals_plain_cross_entropy(tiny):
+    additive, plain = grads(tiny.model, "additive"), grads(tiny.model)
+    assert additive.keys() == plain.keys() and additive
+    for name in plain:
+        assert np.allclose(np.array(additive[name]), np.array(plain[name]), atol=1e-6), name
+
+
+def test_weighted_gradient_reweights_samples_as_documented(tiny):
+    tokens, lengths, auth, entropy = batch()
+    terms = distrust_term(auth, entropy, ALPHA)
+    weights = sample_weights(terms, LAMBDA)
+    # The low-authority, high-entropy sample weighs more; the weights average to one.
+    assert weights[0].item() > 1.0 > weights[1].item()
+    assert weights.mean().item() == pytest.approx(1.0, rel=1e-5)
+    weighted = grads(tiny.model, "weighted")
+    by_hand = grads(tiny.model, weights=weights)
+    plain = grads(tiny.model)
+    differs = False
+    for name in by_hand:
+        assert np.allclose(np.array(weighted[name]), np.array(by_hand[name]), atol=1e-5), name
+        differs |= not np.allclose(np.array(weighted[name]), np.array(plain[name]), atol=1e-6)
+    assert differs, "weighted mode must change the gradient"
+    # Moving along the weighted gradient lowers the favoured sample's loss more than plain CE does.
+    sample0 = grads(tiny.model, weights=mx.array([1.0, 0.0]))
+    dot = lambda a, b: sum(float(mx.sum(a[k] * b[k]).item()) for k in a)  # noqa: E731
+    assert dot(weighted, sample0) / math.sqrt(dot(weighted, weighted)) > dot(
+        plain, sample0) / math.sqrt(dot(plain, plain))
+
+
+def test_unknown_mode_is_refused(tiny):
+    tokens, lengths, auth, entropy = batch()
+    with pytest.raises(ValueError, match="distrust.mode=sum"):
+        loss.loss_fn(tiny.model, tokens, lengths, auth, entropy, ALPHA, LAMBDA, "sum")

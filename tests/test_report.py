@@ -1,0 +1,143 @@
+"""The report: memory and throughput maps per layer count, Optuna's plots, study comparison."""
+
+import io
+import re
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+from PIL import Image
+
+from tests.conftest import ROOT, command, command_env, compose_config, isolated
+from your_ai import report, study, sweep
+from your_ai.errors import UserError
+
+# Batch 1 and batch 4 lie megabytes apart on the tiny model, far beyond run-to-run noise,
+# so a limit between them prunes the same points every time.
+GRID = [
+    "sweep.grid.batch_size=[1,4]",
+    "sweep.grid.rank=[4,8]",
+    "sweep.grid.num_layers=[2,4]",
+    "sweep.steps=4",
+    "sweep.warmup_steps=1",
+]
+PAGES = {"history.html", "timeline.html", "parallel_memory.html", "parallel_throughput.html",
+         "slice_memory.html", "slice_throughput.html"}
+
+
+def point(t) -> tuple[int, int, int]:
+    return tuple(t.params[study.AXES[a]] for a in ("batch_size", "rank", "num_layers"))
+
+
+def peaks(st) -> dict[tuple, float]:
+    return {point(t): t.user_attrs["peak_memory_gb_with_margin"]
+            for t in study.measured_grid_trials(st)}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Two studies in one storage: `free` (no limit, to learn the peaks) and `limited`, whose
+    limit lies between the heaviest batch-1 and the lightest batch-4 peak."""
+    tmp = tmp_path_factory.mktemp("report")
+    base = [*isolated(tmp), *GRID]
+    free = sweep.run(compose_config([*base, "sweep.study_name=free"]), out=io.StringIO())
+    measured = peaks(free["study"])
+    light = max(v for p, v in measured.items() if p[0] == 1)
+    heavy = min(v for p, v in measured.items() if p[0] == 4)
+    limit = round((light + heavy) / 2, 3)
+    assert light < limit < heavy, f"no limit separates batch 1 from batch 4: {measured}"
+    cfg = compose_config([*base, "sweep.study_name=limited", f"sweep.max_memory_gb={limit}",
+                          "sweep.export=true", "sweep.report=true"])
+    printed = io.StringIO()
+    limited = sweep.run(cfg, out=printed)
+    return SimpleNamespace(tmp=tmp, cfg=cfg, free=free["study"], limited=limited["study"],
+                           limit=limit, peaks=measured, printed=printed.getvalue())
+
+
+def test_sweep_writes_the_report(swept):
+    directory = swept.tmp / "sweeps" / "limited"
+    assert f"report: {directory} (4 maps, 6 interactive plots)" in swept.printed
+    layer_counts = [2, 4]
+    assert sorted(p.name for p in directory.glob("memory_layers_*.png")) == [
+        f"memory_layers_{n}.png" for n in layer_counts]
+    assert sorted(p.name for p in directory.glob("throughput_layers_*.png")) == [
+        f"throughput_layers_{n}.png" for n in layer_counts]
+    assert {p.name for p in directory.glob("*.html")} == PAGES
+    # The pages load plotly from beside them, so they open without a network.
+    assert (directory / "plotly.min.js").stat().st_size > 1_000_000
+    for page in PAGES:
+        assert 'src="plotly.min.js"' in (directory / page).read_text()
+
+
+def test_limit_prunes_batch_4_by_measurement_then_by_dominance(swept):
+    trials = {point(t): t for t in study.measured_grid_trials(swept.limited)}
+    measured = {p for p, t in trials.items() if t.state == TrialState.PRUNED
+                and not t.user_attrs.get("dominated_by_params")}
+    dominated = {p for p, t in trials.items() if t.user_attrs.get("dominated_by_params")}
+    complete = {p for p, t in trials.items() if t.state == TrialState.COMPLETE}
+    assert measured == {(4, 4, 2)}, swept.peaks
+    assert dominated == {(4, 4, 4), (4, 8, 2), (4, 8, 4)}
+    assert complete == {(1, 4, 2), (1, 4, 4), (1, 8, 2), (1, 8, 4)}
+    assert trials[(4, 4, 2)].user_attrs["peak_memory_gb_with_margin"] > swept.limit
+
+
+def test_memory_map_marks_the_exported_best(swept):
+    profile = yaml.safe_load((swept.tmp / "profiles" / "best.yaml").read_text())
+    best = (f"batch_size={profile['training']['batch_size']}, rank={profile['lora']['rank']}, "
+            f"num_layers={profile['lora']['num_layers']}")
+    directory = swept.tmp / "sweeps" / "limited"
+    marked = {p.name: Image.open(p).text.get("Best") for p in directory.glob("*.png")}
+    layers = profile["lora"]["num_layers"]
+    assert {name: value for name, value in marked.items() if value} == {
+        f"memory_layers_{layers}.png": best, f"throughput_layers_{layers}.png": best}
+
+
+def test_compare_tables_each_winner(swept):
+    printed = io.StringIO()
+    cfg = compose_config([*isolated(swept.tmp), "+compare=all"])
+    paths = report.run(cfg, out=printed)
+    directory = swept.tmp / "sweeps"
+    assert paths == [directory / "comparison.png", directory / "comparison.md"]
+    table = (directory / "comparison.md").read_text()
+    assert table.split("\n", 2)[2] in printed.getvalue()
+    rows = {}
+    for line in [line for line in table.splitlines() if line.startswith("|")][2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(report.COLUMNS, cells))
+    assert set(rows) == {"free", "limited"}
+    assert [rows["free"][c] for c in ("batch", "rank", "layers")] == ["4", "8", "4"]
+    assert [rows["limited"][c] for c in ("limit GB", "batch", "rank", "layers")] == [
+        report.gb(swept.limit), "1", "8", "4"]
+    assert Image.open(directory / "comparison.png").size[0] > 1000
+
+
+def test_compare_names_studies_and_refuses_unknown_ones(swept):
+    cfg = compose_config([*isolated(swept.tmp), "+compare=[limited]"])
+    report.run(cfg, out=io.StringIO())
+    assert "| limited |" in (swept.tmp / "sweeps" / "comparison.md").read_text()
+    cfg = compose_config([*isolated(swept.tmp), "+compare=[limited,nope]"])
+    with pytest.raises(UserError, match=r"^compare=nope: no such study in sqlite:///"):
+        report.run(cfg, out=io.StringIO())
+
+
+def test_missing_study_is_a_user_error(swept):
+    cfg = compose_config([*isolated(swept.tmp), "sweep.study_name=nope"])
+    url = f"sqlite:///{swept.tmp}/optuna.db"
+    with pytest.raises(UserError, match=re.escape(f"sweep.study_name=nope: no such study in {url}")):
+        report.run(cfg, out=io.StringIO())
+
+
+@pytest.mark.slow
+def test_command_line(swept):
+    out = swept.tmp / "cli"
+    proc = subprocess.run(
+        command("your_ai.report", f"sweep.storage=sqlite:///{swept.tmp}/optuna.db",
+                f"paths.sweeps={out}", "sweep.study_name=limited",
+                f"hydra.run.dir={swept.tmp}/hydra"),
+        capture_output=True, text=True, env=command_env(), cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"report: {out / 'limited'} (4 maps, 6 interactive plots)"
+    assert len(list((out / "limited").glob("*.png"))) == 4

@@ -1,0 +1,153 @@
+"""The trainer: profiles applied from the command line, mlx-lm adapters, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+from mlx.utils import tree_flatten
+
+from tests.conftest import ROOT, command, command_env
+from your_ai import checkpoint, export, train
+
+
+def run_train(tmp_path, *overrides, check=True):
+    proc = subprocess.run(
+        command("your_ai.train", f"hydra.run.dir={tmp_path}", *overrides),
+        capture_output=True, text=True, env=command_env(), cwd=ROOT, timeout=600,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def adapter_config(run_dir):
+    return json.loads((run_dir / "adapters" / "adapter_config.json").read_text())
+
+
+@pytest.fixture
+def exported_profile(small_sweep):
+    """The small sweep's best trial exported as conf/profile/<unique>.yaml, removed afterwards."""
+    cfg, summary = small_sweep
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    cfg = cfg.copy()
+    cfg.profile_name = name
+    cfg.paths.profiles = str(ROOT / "conf" / "profile")
+    document = export.export(cfg, summary["study"])
+    path = ROOT / "conf" / "profile" / f"{name}.yaml"
+    named = path.parent / f"{document['measured']['model']}-{document['measured']['hardware']}.yaml"
+    yield name, path, document
+    path.unlink(missing_ok=True)
+    named.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_profile_round_trip_with_override_winning(tmp_path, exported_profile, small_sweep):
+    name, path, document = exported_profile
+    best = small_sweep[1]["best"]
+    assert document["lora"]["rank"] == best.params["lora.rank"]
+    assert document["training"]["batch_size"] == best.params["training.batch_size"]
+
+    run_train(tmp_path / "a", f"+profile={name}", "training.max_steps=2")
+    applied = adapter_config(tmp_path / "a")
+    assert applied["lora_parameters"]["rank"] == best.params["lora.rank"]
+    assert applied["lora_parameters"]["scale"] == 2.0  # alpha = 2 x rank
+    assert applied["num_layers"] == best.params["lora.num_layers"]
+    assert applied["batch_size"] == best.params["training.batch_size"]
+
+    other = 3 if best.params["training.batch_size"] != 3 else 1
+    proc = run_train(tmp_path / "b", f"+profile={name}", f"training.batch_size={other}",
+                     "training.max_steps=2")
+    assert adapter_config(tmp_path / "b")["batch_size"] == other
+    assert "warning" not in proc.stderr.lower()
+
+    # A profile measured elsewhere: one warning line, and training still runs.
+    moved = yaml.safe_load(path.read_text())
+    moved["measured"]["hardware"] = "cuda-nvidia_h100_80gb_hbm3-79gib"
+    path.write_text("# @package _global_\n" + yaml.safe_dump(moved, sort_keys=False))
+    proc = run_train(tmp_path / "c", f"+profile={name}", "training.max_steps=1")
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: profile")]
+    assert len(warnings) == 1 and "cuda-nvidia_h100" in warnings[0]
+
+
+def test_unknown_profile_is_one_clear_error(tmp_path):
+    proc = run_train(tmp_path, "+profile=does-not-exist", check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'profile/does-not-exist'" in proc.stderr
+
+
+def test_adapters_load_in_mlx_lm_and_match_our_outputs(make_cfg, tmp_path):
+    from mlx_lm.utils import load
+
+    cfg = make_cfg("training.max_steps=6", "training.save_every=3", "lora.num_layers=4",
+                   "lora.rank=8", f"paths.models={tmp_path}/models")
+    result = train.run(cfg)
+    ours = result["model"]
+    config = adapter_config(result["output_dir"])
+    assert config["lora_parameters"]["keys"] == list(cfg.lora["keys"])
+    model, _ = load(config["model"], adapter_path=str(result["adapters"]))
+    tokens = mx.array([[5, 17, 99, 3, 250, 42, 7, 8]])
+    ours.eval(), model.eval()
+    assert np.allclose(np.array(ours(tokens)), np.array(model(tokens)), atol=1e-5)
+    # LoRA really trained: B matrices moved away from their zero start.
+    b = [v for k, v in tree_flatten(ours.trainable_parameters()) if k.endswith("lora_b")]
+    assert b and max(float(mx.abs(v).max()) for v in b) > 0
+
+
+def adapters(run_dir):
+    return mx.load(str(run_dir / "adapters" / "adapters.safetensors"))
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_like_a_straight_one(tmp_path):
+    settings = ["training.max_steps=40", "training.save_every=5", "training.batch_size=8",
+                "lora.rank=8", "lora.num_layers=8"]
+    run_train(tmp_path / "straight", *settings)
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(command("your_ai.train", f"hydra.run.dir={interrupted}", *settings),
+                            cwd=ROOT, env=command_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        latest = checkpoint.latest(interrupted / "checkpoints")
+        if latest is not None and latest.name >= "step_0000010":
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = checkpoint.latest(interrupted / "checkpoints").name
+    assert killed_at < "step_0000040"
+
+    run_train(interrupted, *settings, "resume=true")
+    straight, resumed = adapters(tmp_path / "straight"), adapters(interrupted)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert np.allclose(np.array(straight[name]), np.array(resumed[name]), atol=1e-5), name
+    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").open()]
+    assert steps[-1] == 40
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    proc = run_train(tmp_path, "resume=true", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: resume=true: no checkpoint in {tmp_path}/checkpoints")
+
+
+@pytest.mark.slow
+def test_auto_optimize_trains_with_the_sweep_winner(tmp_path):
+    from tests.conftest import SMALL_GRID
+
+    proc = run_train(tmp_path / "run", "auto_optimize=true", "training.max_steps=2",
+                     f"sweep.storage=sqlite:///{tmp_path}/optuna.db", f"paths.sweeps={tmp_path}",
+                     "sweep.report=false", *SMALL_GRID)
+    assert "optimal: batch_size=2, rank=8, alpha=16, layers=4" in proc.stdout
+    config = adapter_config(tmp_path / "run")
+    assert (config["batch_size"], config["lora_parameters"]["rank"], config["num_layers"]) == (2, 8, 4)

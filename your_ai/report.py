@@ -1,0 +1,308 @@
+"""`python -m your_ai.report`: see a sweep's answer as maps and interactive plots.
+
+For each LoRA layer count, a map of peak memory and one of tokens/s over batch size x rank, with
+the memory limit, the pruned and dominated configurations and the winner marked; Optuna's
+interactive plots beside them. `+compare=all` (or `+compare=[a,b]`) puts several studies'
+winners side by side instead.
+"""
+
+import sys
+import textwrap
+from pathlib import Path
+
+import hydra
+import optuna
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import FuncFormatter
+from omegaconf import DictConfig
+from optuna.trial import TrialState
+
+from your_ai import CONF_DIR, export, study
+from your_ai.errors import UserError, exit_on_user_error
+
+PRUNED_FILL, PRUNED_EDGE = "#f8d0d0", "#c0392b"
+DOMINATED_FILL, DOMINATED_EDGE = "#e4e4e4", "#808080"
+BEST_EDGE = "#ff8c00"
+
+PEAK = "peak_memory_gb_with_margin"
+TOKENS = "tokens_per_sec"
+
+
+def gb(value: float) -> str:
+    # Three significant digits, keeping trailing zeros ("19.0", "0.140") so cells line up.
+    return f"{value:#.3g}".rstrip(".")
+
+
+def settings_of(st) -> dict:
+    settings = st.user_attrs.get("settings")
+    if settings is None:
+        raise UserError(f"study {st.study_name}: not a your_ai sweep (it has no settings)")
+    return settings
+
+
+def cells(st, num_layers: int) -> dict[tuple[int, int], optuna.trial.FrozenTrial]:
+    """(batch size, rank) -> the measured trial at that point of one layer count."""
+    batch, rank, layers = (study.AXES[a] for a in ("batch_size", "rank", "num_layers"))
+    return {(t.params[batch], t.params[rank]): t for t in study.measured_grid_trials(st)
+            if t.params.get(layers) == num_layers}
+
+
+def short_params(t) -> str:
+    if t is None:
+        return "a pruned one"
+    p = t.params
+    return (f"batch {p[study.AXES['batch_size']]}, rank {p[study.AXES['rank']]},\n"
+            f"{p[study.AXES['num_layers']]} layers")
+
+
+def pruned_text(attrs: dict, limit_gb: float) -> str:
+    peak = attrs.get(PEAK)
+    if peak is not None and peak > limit_gb:
+        return f"pruned\n{gb(peak)} > {gb(limit_gb)} GB"
+    # Out of memory, a dead or hung worker: the peak reached says less than why it stopped.
+    return "pruned\n" + textwrap.shorten(str(attrs.get("reason", "")), 40, placeholder="...")
+
+
+def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path) -> None:
+    settings = settings_of(st)
+    grid, limit = settings["grid"], float(settings["max_memory_gb"])
+    batches, ranks = sorted(grid["batch_size"]), sorted(grid["rank"])
+    by_point = cells(st, num_layers)
+    by_number = {t.number: t for t in study.measured_grid_trials(st)}
+    memory = metric == PEAK
+    cmap = "Blues" if memory else "Greens"
+    width, height = max(7.5, 2.2 + 1.5 * len(batches)), max(4.5, 2.4 + 0.9 * len(ranks))
+    fig = Figure(figsize=(width, height), layout="constrained")
+    ax = fig.subplots()
+    values = [[float("nan")] * len(batches) for _ in ranks]
+    for (b, r), t in by_point.items():
+        if t.state == TrialState.COMPLETE and b in batches and r in ranks:
+            values[ranks.index(r)][batches.index(b)] = t.user_attrs[metric]
+    image = ax.imshow(values, cmap=cmap, norm=norm, origin="lower", aspect="auto")
+    best_point = None
+    for i, r in enumerate(ranks):
+        for j, b in enumerate(batches):
+            t = by_point.get((b, r))
+            colour = "black"
+            if t is None:
+                text = "not measured"
+            elif t.state == TrialState.COMPLETE:
+                value = t.user_attrs[metric]
+                text = f"{gb(value)} GB" if memory else f"{value:,.0f} tok/s"
+                if norm(value) > 0.6:
+                    colour = "white"
+            elif t.user_attrs.get("dominated_by_params"):
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=DOMINATED_FILL,
+                                       edgecolor=DOMINATED_EDGE, hatch="..", linewidth=0))
+                text = "dominated by\n" + short_params(by_number.get(t.user_attrs.get("dominated_by")))
+                colour = "#404040"
+            else:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=PRUNED_FILL,
+                                       edgecolor=PRUNED_EDGE, hatch="///", linewidth=0))
+                text = pruned_text(t.user_attrs, limit)
+                colour = PRUNED_EDGE
+            if best is not None and t is not None and t.number == best.number:
+                best_point = (b, r)
+                ax.add_patch(Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False,
+                                       edgecolor=BEST_EDGE, linewidth=5, zorder=3))
+                text = f"BEST\n{text}"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9,
+                    fontweight="bold" if best_point == (b, r) else "normal", zorder=4,
+                    bbox={"facecolor": "white", "alpha": 0.75, "linewidth": 0, "pad": 1.5}
+                    if t is not None and t.state != TrialState.COMPLETE else None)
+    ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+    ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("LoRA rank")
+    what = (f"peak memory + {settings['margin']:.0%} margin" if memory else "throughput")
+    ax.set_title(f"{st.study_name}: {what}, LoRA on {num_layers} layers\n"
+                 f"memory limit {gb(limit)} GB (margin included)", fontsize=11)
+    if norm.vmin is not None and any(v == v for row in values for v in row):
+        bar = fig.colorbar(image, ax=ax)
+        bar.set_label("GB (peak + margin)" if memory else "tokens/s")
+        if memory:
+            bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: gb(x)))
+        if memory and norm.vmin <= limit <= norm.vmax:
+            bar.ax.axhline(limit, color=PRUNED_EDGE, linewidth=3)
+    legend = [Patch(facecolor=PRUNED_FILL, edgecolor=PRUNED_EDGE, hatch="///",
+                    label="pruned: over the limit"),
+              Patch(facecolor=DOMINATED_FILL, edgecolor=DOMINATED_EDGE, hatch="..",
+                    label="dominated: not run, a smaller one was pruned"),
+              Patch(facecolor="white", edgecolor=BEST_EDGE, linewidth=3, label="best")]
+    if memory:
+        legend.append(Line2D([], [], color=PRUNED_EDGE, linewidth=3, label="memory limit"))
+    fig.legend(handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8,
+               frameon=False)
+    metadata = {"Title": f"{st.study_name} {metric} layers={num_layers}",
+                "Software": "your_ai.report"}
+    if best_point is not None:
+        # Lets a reader (or a test) find the winner without decoding pixels.
+        metadata["Best"] = study.describe_params(best.params)
+    fig.savefig(path, dpi=110, metadata=metadata)
+
+
+def shared_norm(trials: list, metric: str, limit_gb: float) -> Normalize:
+    """One colour scale for every layer count, so the maps of one study compare at a glance.
+
+    The memory scale reaches the limit when the limit is near the measurements, so the colour
+    bar shows how close the configurations came; a far-off limit would wash every cell out.
+    """
+    values = [t.user_attrs[metric] for t in trials if t.user_attrs.get(metric) is not None
+              and (t.state == TrialState.COMPLETE or metric == PEAK)]
+    if not values:
+        return Normalize()
+    low, high = min(values), max(values)
+    if metric == PEAK and limit_gb <= 1.5 * high:
+        low, high = min(low, limit_gb), max(high, limit_gb)
+    if low == high:
+        low, high = low * 0.99, high * 1.01 or 1.0
+    return Normalize(low, high)
+
+
+def interactive_plots(st, directory: Path) -> list[Path]:
+    """Optuna's plots that stay valid with a handful of trials (importances need many)."""
+    vis = optuna.visualization
+    peak = ("peak memory (MB)", lambda t: t.user_attrs["peak_memory_mb"])
+    tokens = ("tokens/s", lambda t: t.user_attrs[TOKENS])
+    plots = {
+        "history.html": lambda: vis.plot_optimization_history(st),
+        "timeline.html": lambda: vis.plot_timeline(st),
+        "parallel_memory.html": lambda: vis.plot_parallel_coordinate(
+            st, target=peak[1], target_name=peak[0]),
+        "parallel_throughput.html": lambda: vis.plot_parallel_coordinate(
+            st, target=tokens[1], target_name=tokens[0]),
+        "slice_memory.html": lambda: vis.plot_slice(st, target=peak[1], target_name=peak[0]),
+        "slice_throughput.html": lambda: vis.plot_slice(
+            st, target=tokens[1], target_name=tokens[0]),
+    }
+    paths = []
+    for name, plot in plots.items():
+        path = directory / name
+        # "directory": one plotly.min.js beside the pages, so they open offline.
+        plot().write_html(str(path), include_plotlyjs="directory")
+        paths.append(path)
+    return paths
+
+
+def write(cfg: DictConfig, st, out=sys.stdout) -> list[Path]:
+    """Draw the study's maps and interactive plots into <paths.sweeps>/<study name>/."""
+    settings = settings_of(st)
+    directory = Path(cfg.paths.sweeps) / st.study_name
+    directory.mkdir(parents=True, exist_ok=True)
+    trials = study.measured_grid_trials(st)
+    best = export.best_trial(st)
+    maps = []
+    for metric, stem in ((PEAK, "memory"), (TOKENS, "throughput")):
+        norm = shared_norm(trials, metric, float(settings["max_memory_gb"]))
+        for layers in sorted(settings["grid"]["num_layers"]):
+            path = directory / f"{stem}_layers_{layers}.png"
+            draw_map(st, layers, metric, norm, best, path)
+            maps.append(path)
+    pages = interactive_plots(st, directory)
+    print(f"report: {directory} ({len(maps)} maps, {len(pages)} interactive plots)", file=out)
+    return maps + pages
+
+
+def winner_row(st) -> dict:
+    settings, best = settings_of(st), export.best_trial(st)
+    row = {"study": st.study_name, "model": settings["model"], "hardware": settings["hardware"],
+           "limit GB": gb(settings["max_memory_gb"])}
+    if best is None:
+        return row
+    a, p = best.user_attrs, best.params
+    row.update({"batch": p[study.AXES["batch_size"]], "rank": p[study.AXES["rank"]],
+                "layers": p[study.AXES["num_layers"]], "score": a["score"],
+                "peak MB": f"{a['peak_memory_mb']:.0f}", "GB + margin": gb(a[PEAK]),
+                "tok/s": f"{a[TOKENS]:.0f}", "s/step": f"{a['step_time_s']:.3f}"})
+    return row
+
+
+COLUMNS = ("study", "model", "hardware", "limit GB", "batch", "rank", "layers", "score",
+           "peak MB", "GB + margin", "tok/s", "s/step")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        fill = "" if "batch" in row else "nothing fits"
+        lines.append("| " + " | ".join(str(row.get(c, fill)) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(cfg: DictConfig, studies: list, out=sys.stdout) -> list[Path]:
+    """Put the winners of several studies side by side: comparison.png and comparison.md."""
+    rows = [winner_row(st) for st in studies]
+    winners = [(st, export.best_trial(st)) for st in studies]
+    directory = Path(cfg.paths.sweeps)
+    directory.mkdir(parents=True, exist_ok=True)
+    labels = []
+    for st, best in winners:
+        what = ("nothing fits" if best is None else
+                f"batch {best.params[study.AXES['batch_size']]}, rank "
+                f"{best.params[study.AXES['rank']]}, {best.params[study.AXES['num_layers']]} layers")
+        labels.append(f"{st.study_name}\n{what}")
+    fig = Figure(figsize=(14, 1.6 + 0.9 * len(studies)), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    metrics = (("score", "score (batch x rank x layers)"), (PEAK, "peak memory + margin (GB)"),
+               (TOKENS, "tokens/s"))
+    positions = range(len(studies))
+    limits = [settings_of(st)["max_memory_gb"] for st in studies]
+    for ax, (key, title) in zip(axes, metrics):
+        values = [best.user_attrs[key] if best is not None else 0 for _, best in winners]
+        if key == PEAK:
+            texts = [f"{gb(v)} (limit {gb(limit)})" for v, limit in zip(values, limits)]
+        else:
+            texts = [f"{v:,.0f}" for v in values]
+        bars = ax.barh(positions, values, color="#4c72b0")
+        ax.bar_label(bars, labels=texts, padding=3, fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.margins(x=0.45 if key == PEAK else 0.25)
+    axes[0].set_yticks(list(positions), labels)
+    axes[0].invert_yaxis()
+    fig.suptitle("best configuration of each study")
+    png, md = directory / "comparison.png", directory / "comparison.md"
+    fig.savefig(png, dpi=110)
+    table = markdown_table(rows)
+    export.atomic_write(md, "# Best configuration of each study\n\n" + table)
+    print(table, end="", file=out)
+    print(f"comparison: {png}, {md}", file=out)
+    return [png, md]
+
+
+def load(storage, url: str, name: str, key: str):
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise UserError(f"{key}={name}: no such study in {study.redact(url)}") from None
+
+
+def run(cfg: DictConfig, out=sys.stdout) -> list[Path]:
+    """The report of `sweep.study_name`, or with `+compare` the comparison of several studies."""
+    from your_ai.sweep import study_name
+
+    url = str(cfg.sweep.storage)
+    storage = study.open_storage(url, cfg.sweep)
+    selection = cfg.get("compare")
+    if selection is None:
+        return write(cfg, load(storage, url, study_name(cfg), "sweep.study_name"), out)
+    if selection == "all":
+        names = sorted(optuna.get_all_study_names(storage))
+        if not names:
+            raise UserError(f"compare=all: no studies in {study.redact(url)}")
+    else:
+        names = [str(selection)] if isinstance(selection, str) else [str(n) for n in selection]
+    return compare(cfg, [load(storage, url, name, "compare") for name in names], out)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
