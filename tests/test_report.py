@@ -105,7 +105,7 @@ def test_compare_tables_each_winner(swept):
     rows = {}
     for line in [line for line in table.splitlines() if line.startswith("|")][2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = dict(zip(report.COLUMNS, cells))
+        rows[cells[0]] = dict(zip(report.COLUMNS, cells, strict=True))
     assert set(rows) == {"free", "limited"}
     assert [rows["free"][c] for c in ("batch", "rank", "layers")] == ["4", "8", "4"]
     assert [rows["limited"][c] for c in ("limit GB", "batch", "rank", "layers")] == [
@@ -124,8 +124,8 @@ def test_compare_names_studies_and_refuses_unknown_ones(swept):
 
 def test_missing_study_is_a_user_error(swept):
     cfg = compose_config([*isolated(swept.tmp), "sweep.study_name=nope"])
-    url = f"sqlite:///{swept.tmp}/optuna.db"
-    with pytest.raises(UserError, match=re.escape(f"sweep.study_name=nope: no such study in {url}")):
+    message = f"sweep.study_name=nope: no such study in sqlite:///{swept.tmp}/optuna.db"
+    with pytest.raises(UserError, match=re.escape(message)):
         report.run(cfg, out=io.StringIO())
 
 

@@ -97,7 +97,8 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
             elif t.user_attrs.get("dominated_by_params"):
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=DOMINATED_FILL,
                                        edgecolor=DOMINATED_EDGE, hatch="..", linewidth=0))
-                text = "dominated by\n" + short_params(by_number.get(t.user_attrs.get("dominated_by")))
+                dominator = by_number.get(t.user_attrs.get("dominated_by"))
+                text = "dominated by\n" + short_params(dominator)
                 colour = "#404040"
             else:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=PRUNED_FILL,
@@ -139,7 +140,7 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     metadata = {"Title": f"{st.study_name} {metric} layers={num_layers}",
                 "Software": "your_ai.report"}
     if best_point is not None:
-        # Lets a reader (or a test) find the winner without decoding pixels.
+        # Names the winner in the file itself, for tools that read maps without seeing them.
         metadata["Best"] = study.describe_params(best.params)
     fig.savefig(path, dpi=110, metadata=metadata)
 
@@ -165,18 +166,17 @@ def shared_norm(trials: list, metric: str, limit_gb: float) -> Normalize:
 def interactive_plots(st, directory: Path) -> list[Path]:
     """Optuna's plots that stay valid with a handful of trials (importances need many)."""
     vis = optuna.visualization
-    peak = ("peak memory (MB)", lambda t: t.user_attrs["peak_memory_mb"])
-    tokens = ("tokens/s", lambda t: t.user_attrs[TOKENS])
+    objective = settings_of(st)["objective"]
+    memory = {"target": lambda t: t.user_attrs["peak_memory_mb"],
+              "target_name": "peak memory (MB)"}
+    throughput = {"target": lambda t: t.user_attrs[TOKENS], "target_name": "tokens/s"}
     plots = {
-        "history.html": lambda: vis.plot_optimization_history(st),
+        "history.html": lambda: vis.plot_optimization_history(st, target_name=objective),
         "timeline.html": lambda: vis.plot_timeline(st),
-        "parallel_memory.html": lambda: vis.plot_parallel_coordinate(
-            st, target=peak[1], target_name=peak[0]),
-        "parallel_throughput.html": lambda: vis.plot_parallel_coordinate(
-            st, target=tokens[1], target_name=tokens[0]),
-        "slice_memory.html": lambda: vis.plot_slice(st, target=peak[1], target_name=peak[0]),
-        "slice_throughput.html": lambda: vis.plot_slice(
-            st, target=tokens[1], target_name=tokens[0]),
+        "parallel_memory.html": lambda: vis.plot_parallel_coordinate(st, **memory),
+        "parallel_throughput.html": lambda: vis.plot_parallel_coordinate(st, **throughput),
+        "slice_memory.html": lambda: vis.plot_slice(st, **memory),
+        "slice_throughput.html": lambda: vis.plot_slice(st, **throughput),
     }
     paths = []
     for name, plot in plots.items():
@@ -240,22 +240,24 @@ def compare(cfg: DictConfig, studies: list, out=sys.stdout) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     labels = []
     for st, best in winners:
-        what = ("nothing fits" if best is None else
-                f"batch {best.params[study.AXES['batch_size']]}, rank "
-                f"{best.params[study.AXES['rank']]}, {best.params[study.AXES['num_layers']]} layers")
+        what = "nothing fits" if best is None else short_params(best).replace("\n", " ")
         labels.append(f"{st.study_name}\n{what}")
     fig = Figure(figsize=(14, 1.6 + 0.9 * len(studies)), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
     metrics = (("score", "score (batch x rank x layers)"), (PEAK, "peak memory + margin (GB)"),
                (TOKENS, "tokens/s"))
     positions = range(len(studies))
-    limits = [settings_of(st)["max_memory_gb"] for st in studies]
-    for ax, (key, title) in zip(axes, metrics):
-        values = [best.user_attrs[key] if best is not None else 0 for _, best in winners]
-        if key == PEAK:
-            texts = [f"{gb(v)} (limit {gb(limit)})" for v, limit in zip(values, limits)]
-        else:
-            texts = [f"{v:,.0f}" for v in values]
+    for ax, (key, title) in zip(axes, metrics, strict=True):
+        values, texts = [], []
+        for st, best in winners:
+            value = best.user_attrs[key] if best is not None else 0
+            values.append(value)
+            if best is None:
+                texts.append("nothing fits")
+            elif key == PEAK:
+                texts.append(f"{gb(value)} (limit {gb(settings_of(st)['max_memory_gb'])})")
+            else:
+                texts.append(f"{value:,.0f}")
         bars = ax.barh(positions, values, color="#4c72b0")
         ax.bar_label(bars, labels=texts, padding=3, fontsize=9)
         ax.set_title(title, fontsize=10)

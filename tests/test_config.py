@@ -1,0 +1,66 @@
+"""Hydra composition of mode, model and overrides through the compose API."""
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from tests.conftest import ROOT, compose_config
+from your_ai import study
+
+
+def grid_size(cfg) -> int:
+    return len(study.light_first(study.search_space(cfg.sweep.grid)))
+
+
+def test_default_is_quick_on_the_tiny_model():
+    cfg = compose_config()
+    assert cfg.model.name == "tiny" and cfg.sweep.mode == "quick"
+    assert OmegaConf.to_container(cfg.sweep.grid) == {
+        "batch_size": [2, 4, 8], "rank": [64, 128], "num_layers": [16, 24]}
+    assert grid_size(cfg) == 12
+    assert cfg.sweep.steps == 15 and cfg.sweep.margin == 0.15
+    assert cfg.distrust.alpha == 2.7 and cfg.distrust.lambda_weight == 0.6
+    assert cfg.training.max_seq_length == cfg.model.max_seq_length
+    assert cfg.model.architecture.num_hidden_layers >= 32
+    assert cfg.sweep.storage == f"sqlite:///{ROOT}/sweeps/optuna.db"
+
+
+def test_full_mode_has_96_points():
+    cfg = compose_config(["mode=full"])
+    assert grid_size(cfg) == 96
+    assert list(cfg.sweep.grid.num_layers) == [8, 16, 24, 32]
+
+
+def test_axes_and_keys_override_on_the_command_line():
+    cfg = compose_config(["mode=full", "sweep.grid.batch_size=[1,3]", "sweep.steps=5",
+                          "lora.keys=[self_attn.q_proj]", "training.max_seq_length=64"])
+    assert grid_size(cfg) == 2 * 4 * 4
+    assert cfg.sweep.steps == 5 and list(cfg.lora["keys"]) == ["self_attn.q_proj"]
+    assert cfg.training.max_seq_length == 64
+
+
+def test_model_presets():
+    q4 = compose_config(["model=tiny-q4"])
+    assert q4.model.quantize.bits == 4 and q4.model.path == compose_config().model.path
+    hermes = compose_config(["model=hermes-3-llama-3.1-8b", "model.random_weights=true"])
+    assert hermes.model.path == "NousResearch/Hermes-3-Llama-3.1-8B"
+    assert hermes.model.architecture.hidden_size == 4096 and hermes.model.random_weights
+    assert hermes.training.max_seq_length == 1024
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(MissingConfigException, match="mode/huge"):
+        compose_config(["mode=huge"])
+
+
+def test_trial_parameters_replay_as_overrides():
+    point = study.light_first(study.search_space(compose_config().sweep.grid))[-1]
+    cfg = compose_config([f"{name}={value}" for name, value in point.items()])
+    assert (cfg.training.batch_size, cfg.lora.rank, cfg.lora.num_layers) == (8, 128, 24)
+
+
+def test_light_first_order_puts_every_point_after_those_it_dominates():
+    points = study.light_first(study.search_space(compose_config(["mode=full"]).sweep.grid))
+    for i, p in enumerate(points):
+        for q in points[i + 1:]:
+            assert not all(q[k] <= p[k] for k in p), (p, q)
