@@ -5,18 +5,24 @@ storage measure each point exactly once. A trial whose sweep died is failed (by 
 or at once when its process is gone from this host) and retried with the same grid point.
 """
 
+import contextlib
 import json
 import os
 import socket
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import optuna
 import psutil
 from optuna.samplers import GridSampler
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
+from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import make_url
 
 from your_ai.errors import UserError
@@ -112,6 +118,26 @@ def redact(url: str) -> str:
         return url
 
 
+def rdb_storage(url: str, sweep, attempts: int = 5) -> optuna.storages.RDBStorage:
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=int(sweep.heartbeat_interval_s),
+                grace_period=int(sweep.grace_period_s),
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=int(sweep.max_retry)),
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except IntegrityError:
+            # Workers started together on a new database race to create Optuna's tables; the
+            # loser finds them made on its next try.
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
 def open_storage(url: str, sweep) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: RDB (sqlite, postgresql, mysql) or `journal:<file>`."""
     try:
@@ -123,13 +149,7 @@ def open_storage(url: str, sweep) -> optuna.storages.BaseStorage:
             return JournalStorage(JournalFileBackend(str(path)))
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=int(sweep.heartbeat_interval_s),
-            grace_period=int(sweep.grace_period_s),
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=int(sweep.max_retry)),
-            engine_kwargs={"pool_pre_ping": True},
-        )
+        return rdb_storage(url, sweep)
     except Exception as err:  # noqa: BLE001 - drivers raise their own kinds
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"sweep.storage={redact(url)}: cannot open the storage ({first})") from None
@@ -148,6 +168,7 @@ def open_study(storage, url: str, name: str, settings: dict, space: dict):
     try:
         study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                     direction="maximize")
+        study.set_metric_names([settings["objective"]])
         study.set_user_attr("settings", settings)
         return study
     except optuna.exceptions.DuplicatedStudyError:
@@ -171,6 +192,36 @@ def open_study(storage, url: str, name: str, settings: dict, space: dict):
     return study
 
 
+@contextlib.contextmanager
+def claim_lock(study_):
+    """Serialises "is there a grid point left? then take a trial" across workers, so a finished
+    grid never gains a surplus trial. PostgreSQL: an advisory lock; SQLite and journal files:
+    a lock file beside them; other databases: none (a surplus trial is then failed at once)."""
+    storage = study_._storage
+    storage = getattr(storage, "_backend", storage)  # Optuna wraps RDB storage in a cache
+    if isinstance(storage, optuna.storages.RDBStorage):
+        url = storage.engine.url
+        if url.get_backend_name() == "postgresql":
+            key = zlib.crc32(f"your_ai:{study_.study_name}".encode())
+            with storage.engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            return
+        if url.get_backend_name() == "sqlite" and url.database:
+            with FileLock(f"{url.database}.{study_.study_name}.lock"):
+                yield
+            return
+    journal = getattr(storage, "_file_path", None)
+    if journal:
+        with FileLock(f"{journal}.{study_.study_name}.lock"):
+            yield
+        return
+    yield
+
+
 def worker_identity() -> dict:
     me = psutil.Process()
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": me.create_time()}
@@ -184,11 +235,15 @@ def is_alive(identity: dict) -> bool:
         return False
 
 
+def uses_heartbeat(storage) -> bool:
+    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
+
+
 def recover_dead_trials(study, max_retry: int) -> list[int]:
     """Fail and retry trials left RUNNING by sweeps that are gone; returns their numbers."""
     storage = study._storage
     recovered = []
-    if isinstance(storage, optuna.storages.RDBStorage):
+    if uses_heartbeat(storage):
         # Other hosts' dead workers: their heartbeat stopped longer than the grace period ago.
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         optuna.storages.fail_stale_trials(study)

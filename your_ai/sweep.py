@@ -63,7 +63,7 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "steps": int(sweep.steps),
         "warmup_steps": int(sweep.warmup_steps),
         "early_stop": bool(sweep.early_stop),
-        "max_memory_gb": round(float(max_memory_gb), 3),
+        "max_memory_gb": float(max_memory_gb),
         "margin": float(sweep.margin),
         "objective": str(sweep.objective),
         "data": str(sweep.data),
@@ -117,7 +117,7 @@ class Heartbeat:
     """Tells the storage this sweep is alive, so other workers do not retake its trial."""
 
     def __init__(self, storage, trial_id: int, interval: float):
-        self.enabled = isinstance(storage, optuna.storages.RDBStorage) and interval > 0
+        self.enabled = study.uses_heartbeat(storage) and interval > 0
         self.storage, self.trial_id, self.interval, self.last = storage, trial_id, interval, 0.0
 
     def __call__(self) -> None:
@@ -147,7 +147,9 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
             recovered = study.recover_dead_trials(st, max_retry)
             if recovered:
                 tqdm.write(f"retrying trials of a sweep that died: {recovered}", file=out)
-            if not has_work(st, size):
+            with study.claim_lock(st):
+                trial = st.ask() if has_work(st, size) else None
+            if trial is None:
                 running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if not running:
                     break
@@ -159,7 +161,6 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                 bar.n = len(study.measured_grid_trials(st))
                 bar.refresh()
                 continue
-            trial = st.ask()
             system = st._storage.get_trial_system_attrs(trial._trial_id)
             if system.get(study.SURPLUS_ATTR):
                 st.tell(trial, state=TrialState.FAIL)
@@ -261,6 +262,7 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
                             f"{info['num_layers']} layers")
         max_gb = cfg.sweep.max_memory_gb
         max_gb = float(max_gb) if max_gb is not None else 0.8 * info["memory_bytes"] / 1e9
+        max_gb = round(max_gb, 4)  # the limit the study stores is the one trials are held to
         margin = float(cfg.sweep.margin)
         floor = (info["weight_bytes"] + info["baseline_bytes"]) * (1 + margin) / 1e9
         if floor > max_gb:

@@ -99,7 +99,7 @@ def measure(
                      "adjusted_bytes": adjusted, "loss": losses[-1]})
             if adjusted > limits.max_bytes:
                 result.update(state="pruned", memory=True, peak_bytes=peak,
-                              reason=f"{adjusted / 1e9:.2f} GB > {limits.max_bytes / 1e9:.2f} GB")
+                              reason=f"{adjusted / 1e9:.4g} GB > {limits.max_bytes / 1e9:.4g} GB")
                 return result
             if sweep.early_stop and stable(times, peaks, int(sweep.stable_steps),
                                            float(sweep.stable_tolerance)):

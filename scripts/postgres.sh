@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Start a throwaway PostgreSQL server on loopback for the tests and print its URL.
+# Usage: eval "$(scripts/postgres.sh start <dir>)"   ...   scripts/postgres.sh stop <dir>
+set -euo pipefail
+action=${1:?start|stop}
+dir=${2:?data directory}
+port=${YOUR_AI_PG_PORT:-54329}
+bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+[ -n "$bin" ] || bin=$(dirname "$(command -v initdb)")
+# PostgreSQL refuses to run as root: run it as the postgres user there.
+as_owner() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+case "$action" in
+  start)
+    mkdir -p "$dir"
+    [ "$(id -u)" -eq 0 ] && chown postgres "$dir"
+    as_owner "$bin/initdb" -D "$dir/data" -A trust -U postgres >"$dir/initdb.log" 2>&1
+    as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+      -o "-h 127.0.0.1 -p $port -k $dir -c max_connections=200 -c fsync=off" start >/dev/null
+    as_owner "$bin/createdb" -h 127.0.0.1 -p "$port" -U postgres your_ai_test
+    echo "export YOUR_AI_TEST_POSTGRES=postgresql+psycopg://postgres@127.0.0.1:$port/your_ai_test"
+    ;;
+  stop)
+    as_owner "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null || true
+    ;;
+esac
