@@ -11,8 +11,14 @@ from tests.conftest import ROOT, SMALL_GRID, command, command_env, isolated
 
 
 def run(module, tmp, *overrides):
-    return subprocess.run(command(module, *isolated(tmp), *overrides), capture_output=True,
-                          text=True, cwd=ROOT, env=command_env(), timeout=600)
+    return subprocess.run(
+        command(module, *isolated(tmp), *overrides),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=command_env(),
+        timeout=600,
+    )
 
 
 def last_line(proc) -> str:
@@ -23,17 +29,36 @@ def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["sweep.grid.rank=[]"], "error: sweep.grid.rank=[]: needs a non-empty list of positive integers"),
-    (["sweep.grid.batch_size=[0,2]"], "error: sweep.grid.batch_size: 0 is not a positive integer"),
-    (["sweep.grid.num_layers=[-8]"], "error: sweep.grid.num_layers: -8 is not a positive integer"),
-    (["sweep.margin=1.5"], "error: sweep.margin=1.5 is outside [0, 1)"),
-    (["sweep.objective=speed"], "error: sweep.objective=speed is not one of score, tokens_per_sec"),
-    (["sweep.grid.num_layers=[16,40]"],
-     "error: sweep.grid.num_layers: 40 is more than the model's 32 layers"),
-    (["model.path=/nonexistent/model", "model.build=false"],
-     "error: model.path=/nonexistent/model: no such directory"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["sweep.grid.rank=[]"],
+            "error: sweep.grid.rank=[]: needs a non-empty list of positive integers",
+        ),
+        (
+            ["sweep.grid.batch_size=[0,2]"],
+            "error: sweep.grid.batch_size: 0 is not a positive integer",
+        ),
+        (
+            ["sweep.grid.num_layers=[-8]"],
+            "error: sweep.grid.num_layers: -8 is not a positive integer",
+        ),
+        (["sweep.margin=1.5"], "error: sweep.margin=1.5 is outside [0, 1)"),
+        (
+            ["sweep.objective=speed"],
+            "error: sweep.objective=speed is not one of score, tokens_per_sec",
+        ),
+        (
+            ["sweep.grid.num_layers=[16,40]"],
+            "error: sweep.grid.num_layers: 40 is more than the model's 32 layers",
+        ),
+        (
+            ["model.path=/nonexistent/model", "model.build=false"],
+            "error: model.path=/nonexistent/model: no such directory",
+        ),
+    ],
+)
 def test_sweep_refuses_bad_settings(tmp_path, overrides, message):
     proc = run("your_ai.sweep", tmp_path, *overrides)
     assert proc.returncode == 2
@@ -43,8 +68,9 @@ def test_sweep_refuses_bad_settings(tmp_path, overrides, message):
 def test_memory_limit_below_the_model_weights(tmp_path):
     proc = run("your_ai.sweep", tmp_path, "sweep.max_memory_gb=0.001")
     assert proc.returncode == 2
-    assert last_line(proc).startswith("error: sweep.max_memory_gb=0.001 is below what the model's "
-                                      "own weights need (")
+    assert last_line(proc).startswith(
+        "error: sweep.max_memory_gb=0.001 is below what the model's own weights need ("
+    )
 
 
 def test_unknown_mode_names_the_group(tmp_path):
@@ -55,20 +81,29 @@ def test_unknown_mode_names_the_group(tmp_path):
 
 def test_sweep_data_file_with_a_bad_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"text": "ok", "auth_weight": 0.2, "prov_entropy": 1}) + "\n"
-                   + json.dumps({"text": "ok", "auth_weight": 0.2, "prov_entropy": -1}) + "\n")
+    bad.write_text(
+        json.dumps({"text": "ok", "auth_weight": 0.2, "prov_entropy": 1})
+        + "\n"
+        + json.dumps({"text": "ok", "auth_weight": 0.2, "prov_entropy": -1})
+        + "\n"
+    )
     proc = run("your_ai.sweep", tmp_path, "sweep.data=file", f"data.train_file={bad}")
     assert proc.returncode == 2
     assert last_line(proc) == f"error: {bad}:2: prov_entropy=-1 must be >= 0 and finite"
 
 
 def test_unreachable_storage(tmp_path):
-    proc = run("your_ai.sweep", tmp_path,
-               "sweep.storage=postgresql+psycopg://nobody:secret@127.0.0.1:9/none")
+    proc = run(
+        "your_ai.sweep",
+        tmp_path,
+        "sweep.storage=postgresql+psycopg://nobody:secret@127.0.0.1:9/none",
+    )
     assert proc.returncode == 2
     line = last_line(proc)
-    assert line.startswith("error: sweep.storage=postgresql+psycopg://nobody:***@127.0.0.1:9/none: "
-                           "cannot open the storage (")
+    assert line.startswith(
+        "error: sweep.storage=postgresql+psycopg://nobody:***@127.0.0.1:9/none: "
+        "cannot open the storage ("
+    )
     assert "secret" not in proc.stderr
 
 
@@ -88,13 +123,16 @@ def test_study_continued_with_other_settings_is_refused(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     db = tmp_path / "optuna.db"
     profile = tmp_path / "profiles" / "best.yaml"
-    stored = (digest(profile), len(optuna.load_study(study_name="fixed",
-                                                     storage=f"sqlite:///{db}").trials))
+    stored = (
+        digest(profile),
+        len(optuna.load_study(study_name="fixed", storage=f"sqlite:///{db}").trials),
+    )
     proc = run("your_ai.sweep", tmp_path, *SMALL_GRID, "sweep.study_name=fixed", "sweep.steps=6")
     assert proc.returncode == 2
     assert last_line(proc) == (
         f"error: sweep.study_name=fixed: the study in sqlite:///{db} was created with other "
-        "settings (steps: stored 4, now 6); choose another sweep.study_name to measure these")
+        "settings (steps: stored 4, now 6); choose another sweep.study_name to measure these"
+    )
     study = optuna.load_study(study_name="fixed", storage=f"sqlite:///{db}")
     assert (digest(profile), len(study.trials)) == stored
 
@@ -106,8 +144,13 @@ def test_train_refuses_a_layer_count_beyond_the_model(tmp_path):
 
 
 def test_train_refuses_a_missing_model(tmp_path):
-    proc = run("your_ai.train", tmp_path, "model.path=./no-such-model", "model.build=false",
-               f"hydra.run.dir={tmp_path}/run")
+    proc = run(
+        "your_ai.train",
+        tmp_path,
+        "model.path=./no-such-model",
+        "model.build=false",
+        f"hydra.run.dir={tmp_path}/run",
+    )
     assert proc.returncode == 2
     assert last_line(proc) == "error: model.path=./no-such-model: no such directory"
 
@@ -116,4 +159,5 @@ def test_export_without_a_study(tmp_path):
     proc = run("your_ai.export", tmp_path, "sweep.study_name=nothing")
     assert proc.returncode == 2
     assert last_line(proc) == (
-        f"error: sweep.study_name=nothing: no such study in sqlite:///{tmp_path}/optuna.db")
+        f"error: sweep.study_name=nothing: no such study in sqlite:///{tmp_path}/optuna.db"
+    )

@@ -16,7 +16,10 @@ def test_default_is_quick_on_the_tiny_model():
     cfg = compose_config()
     assert cfg.model.name == "tiny" and cfg.sweep.mode == "quick"
     assert OmegaConf.to_container(cfg.sweep.grid) == {
-        "batch_size": [2, 4, 8], "rank": [64, 128], "num_layers": [16, 24]}
+        "batch_size": [2, 4, 8],
+        "rank": [64, 128],
+        "num_layers": [16, 24],
+    }
     assert grid_size(cfg) == 12
     assert cfg.sweep.steps == 15 and cfg.sweep.margin == 0.15
     assert cfg.distrust.alpha == 2.7 and cfg.distrust.lambda_weight == 0.6
@@ -32,8 +35,15 @@ def test_full_mode_has_96_points():
 
 
 def test_axes_and_keys_override_on_the_command_line():
-    cfg = compose_config(["mode=full", "sweep.grid.batch_size=[1,3]", "sweep.steps=5",
-                          "lora.keys=[self_attn.q_proj]", "training.max_seq_length=64"])
+    cfg = compose_config(
+        [
+            "mode=full",
+            "sweep.grid.batch_size=[1,3]",
+            "sweep.steps=5",
+            "lora.keys=[self_attn.q_proj]",
+            "training.max_seq_length=64",
+        ]
+    )
     assert grid_size(cfg) == 2 * 4 * 4
     assert cfg.sweep.steps == 5 and list(cfg.lora["keys"]) == ["self_attn.q_proj"]
     assert cfg.training.max_seq_length == 64
@@ -62,5 +72,5 @@ def test_trial_parameters_replay_as_overrides():
 def test_light_first_order_puts_every_point_after_those_it_dominates():
     points = study.light_first(study.search_space(compose_config(["mode=full"]).sweep.grid))
     for i, p in enumerate(points):
-        for q in points[i + 1:]:
+        for q in points[i + 1 :]:
             assert not all(q[k] <= p[k] for k in p), (p, q)

@@ -18,8 +18,14 @@ from PIL import Image
 from tests.conftest import command_env
 
 CHROMIUM = Path("/usr/bin/chromium")
-MEASUREMENTS = ("peak_memory_mb", "peak_memory_gb_with_margin", "tokens_per_sec", "step_time_s",
-                "score", "memory_pruned")
+MEASUREMENTS = (
+    "peak_memory_mb",
+    "peak_memory_gb_with_margin",
+    "tokens_per_sec",
+    "step_time_s",
+    "score",
+    "memory_pruned",
+)
 
 
 def free_port() -> int:
@@ -43,8 +49,12 @@ def dashboard(small_sweep, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([executable, url, "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=command_env())
+        proc = subprocess.Popen(
+            [executable, url, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=command_env(),
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -77,8 +87,10 @@ def test_api_serves_every_trial_with_its_measurements(dashboard):
     for t in trials:
         attrs = {a["key"]: a["value"] for a in served[t.number]["user_attrs"]}
         # The dashboard sends every value as text: numbers as str(), the rest as JSON.
-        assert attrs == {k: v if isinstance(v, str) else str(v) if isinstance(v, int | float)
-                         else json.dumps(v) for k, v in t.user_attrs.items()}
+        assert attrs == {
+            k: v if isinstance(v, str) else str(v) if isinstance(v, int | float) else json.dumps(v)
+            for k, v in t.user_attrs.items()
+        }
         assert served[t.number]["state"] == t.state.name.capitalize()
         if t.state == TrialState.COMPLETE:
             assert set(MEASUREMENTS) <= set(attrs), t.number
@@ -91,18 +103,32 @@ def test_api_serves_every_trial_with_its_measurements(dashboard):
 
 @pytest.mark.slow
 def test_study_page_renders(dashboard, tmp_path):
-    assert CHROMIUM.exists(), (f"{CHROMIUM} is missing: `.ci/run` installs it "
-                               "(apt-get install -y chromium)")
+    assert CHROMIUM.exists(), (
+        f"{CHROMIUM} is missing: `.ci/run` installs it (apt-get install -y chromium)"
+    )
     base, summary = dashboard
     st = summary["study"]
     shot = tmp_path / "study.png"
     proc = subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", f"--screenshot={shot}",
-         "--window-size=1400,1000", "--virtual-time-budget=10000",
-         f"{base}/dashboard/studies/{study_id(base, st.study_name)}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            f"--screenshot={shot}",
+            "--window-size=1400,1000",
+            "--virtual-time-budget=10000",
+            f"{base}/dashboard/studies/{study_id(base, st.study_name)}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert shot.exists(), proc.stderr[-2000:]
     image = Image.open(shot).convert("RGB")

@@ -66,14 +66,25 @@ def test_batches_stream_and_resume_from_a_position(tmp_path):
 
 @pytest.mark.slow
 def test_training_refuses_bad_data_with_one_line(tmp_path):
-    path = write(tmp_path / "bad.jsonl", [json.dumps(GOOD)] * 3 + ['{"text": "x", "auth_weight": 2, '
-                                                                   '"prov_entropy": 1}'])
+    path = write(
+        tmp_path / "bad.jsonl",
+        [json.dumps(GOOD)] * 3 + ['{"text": "x", "auth_weight": 2, "prov_entropy": 1}'],
+    )
     proc = subprocess.run(
-        command("your_ai.train", f"data.train_file={path}", f"hydra.run.dir={tmp_path}/run",
-                "training.max_steps=2"),
-        capture_output=True, text=True, env=command_env(), cwd=ROOT, timeout=300,
+        command(
+            "your_ai.train",
+            f"data.train_file={path}",
+            f"hydra.run.dir={tmp_path}/run",
+            "training.max_steps=2",
+        ),
+        capture_output=True,
+        text=True,
+        env=command_env(),
+        cwd=ROOT,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {path}:4: auth_weight=2 is outside [0, 0.99]")
+        f"error: {path}:4: auth_weight=2 is outside [0, 0.99]"
+    )
     assert not (tmp_path / "run" / "adapters").exists()

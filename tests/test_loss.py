@@ -24,8 +24,11 @@ def tiny(tmp_path_factory):
     # Non-zero LoRA B so gradients reach every LoRA matrix.
     mx.random.seed(1)
     loaded.model.load_weights(
-        [(n, mx.random.normal(p.shape) * 0.02) for n, p in
-         tree_flatten(loaded.model.trainable_parameters()) if n.endswith("lora_b")],
+        [
+            (n, mx.random.normal(p.shape) * 0.02)
+            for n, p in tree_flatten(loaded.model.trainable_parameters())
+            if n.endswith("lora_b")
+        ],
         strict=False,
     )
     return loaded
@@ -66,7 +69,9 @@ def test_loss_values_by_hand(tiny):
     terms = np.array(distrust_term(auth, entropy, ALPHA))
     plain = sums.sum().item() / ntoks
 
-    additive, n, ce = loss_fn(tiny.model, tokens, lengths, auth, entropy, ALPHA, LAMBDA, "additive")
+    additive, n, ce = loss_fn(
+        tiny.model, tokens, lengths, auth, entropy, ALPHA, LAMBDA, "additive"
+    )
     assert n.item() == ntoks == 11 + 6  # padding never counts
     assert ce.item() == pytest.approx(plain, rel=1e-5)
     assert additive.item() == pytest.approx(plain + LAMBDA * terms.mean(), rel=1e-5)
@@ -116,7 +121,8 @@ def test_weighted_gradient_reweights_samples_as_documented(tiny):
     sample0 = grads(tiny.model, weights=mx.array([1.0, 0.0]))
     dot = lambda a, b: sum(float(mx.sum(a[k] * b[k]).item()) for k in a)  # noqa: E731
     assert dot(weighted, sample0) / math.sqrt(dot(weighted, weighted)) > dot(
-        plain, sample0) / math.sqrt(dot(plain, plain))
+        plain, sample0
+    ) / math.sqrt(dot(plain, plain))
 
 
 def test_unknown_mode_is_refused(tiny):

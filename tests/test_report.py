@@ -23,8 +23,14 @@ GRID = [
     "sweep.steps=4",
     "sweep.warmup_steps=1",
 ]
-PAGES = {"history.html", "timeline.html", "parallel_memory.html", "parallel_throughput.html",
-         "slice_memory.html", "slice_throughput.html"}
+PAGES = {
+    "history.html",
+    "timeline.html",
+    "parallel_memory.html",
+    "parallel_throughput.html",
+    "slice_memory.html",
+    "slice_throughput.html",
+}
 
 
 def point(t) -> tuple[int, int, int]:
@@ -32,8 +38,10 @@ def point(t) -> tuple[int, int, int]:
 
 
 def peaks(st) -> dict[tuple, float]:
-    return {point(t): t.user_attrs["peak_memory_gb_with_margin"]
-            for t in study.measured_grid_trials(st)}
+    return {
+        point(t): t.user_attrs["peak_memory_gb_with_margin"]
+        for t in study.measured_grid_trials(st)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +56,26 @@ def swept(tmp_path_factory):
     heavy = min(v for p, v in measured.items() if p[0] == 4)
     limit = round((light + heavy) / 2, 3)
     assert light < limit < heavy, f"no limit separates batch 1 from batch 4: {measured}"
-    cfg = compose_config([*base, "sweep.study_name=limited", f"sweep.max_memory_gb={limit}",
-                          "sweep.export=true", "sweep.report=true"])
+    cfg = compose_config(
+        [
+            *base,
+            "sweep.study_name=limited",
+            f"sweep.max_memory_gb={limit}",
+            "sweep.export=true",
+            "sweep.report=true",
+        ]
+    )
     printed = io.StringIO()
     limited = sweep.run(cfg, out=printed)
-    return SimpleNamespace(tmp=tmp, cfg=cfg, free=free["study"], limited=limited["study"],
-                           limit=limit, peaks=measured, printed=printed.getvalue())
+    return SimpleNamespace(
+        tmp=tmp,
+        cfg=cfg,
+        free=free["study"],
+        limited=limited["study"],
+        limit=limit,
+        peaks=measured,
+        printed=printed.getvalue(),
+    )
 
 
 def test_sweep_writes_the_report(swept):
@@ -61,9 +83,11 @@ def test_sweep_writes_the_report(swept):
     assert f"report: {directory} (4 maps, 6 interactive plots)" in swept.printed
     layer_counts = [2, 4]
     assert sorted(p.name for p in directory.glob("memory_layers_*.png")) == [
-        f"memory_layers_{n}.png" for n in layer_counts]
+        f"memory_layers_{n}.png" for n in layer_counts
+    ]
     assert sorted(p.name for p in directory.glob("throughput_layers_*.png")) == [
-        f"throughput_layers_{n}.png" for n in layer_counts]
+        f"throughput_layers_{n}.png" for n in layer_counts
+    ]
     assert {p.name for p in directory.glob("*.html")} == PAGES
     # The pages load plotly from beside them, so they open without a network.
     assert (directory / "plotly.min.js").stat().st_size > 1_000_000
@@ -73,8 +97,11 @@ def test_sweep_writes_the_report(swept):
 
 def test_limit_prunes_batch_4_by_measurement_then_by_dominance(swept):
     trials = {point(t): t for t in study.measured_grid_trials(swept.limited)}
-    measured = {p for p, t in trials.items() if t.state == TrialState.PRUNED
-                and not t.user_attrs.get("dominated_by_params")}
+    measured = {
+        p
+        for p, t in trials.items()
+        if t.state == TrialState.PRUNED and not t.user_attrs.get("dominated_by_params")
+    }
     dominated = {p for p, t in trials.items() if t.user_attrs.get("dominated_by_params")}
     complete = {p for p, t in trials.items() if t.state == TrialState.COMPLETE}
     assert measured == {(4, 4, 2)}, swept.peaks
@@ -85,13 +112,17 @@ def test_limit_prunes_batch_4_by_measurement_then_by_dominance(swept):
 
 def test_memory_map_marks_the_exported_best(swept):
     profile = yaml.safe_load((swept.tmp / "profiles" / "best.yaml").read_text())
-    best = (f"batch_size={profile['training']['batch_size']}, rank={profile['lora']['rank']}, "
-            f"num_layers={profile['lora']['num_layers']}")
+    best = (
+        f"batch_size={profile['training']['batch_size']}, rank={profile['lora']['rank']}, "
+        f"num_layers={profile['lora']['num_layers']}"
+    )
     directory = swept.tmp / "sweeps" / "limited"
     marked = {p.name: Image.open(p).text.get("Best") for p in directory.glob("*.png")}
     layers = profile["lora"]["num_layers"]
     assert {name: value for name, value in marked.items() if value} == {
-        f"memory_layers_{layers}.png": best, f"throughput_layers_{layers}.png": best}
+        f"memory_layers_{layers}.png": best,
+        f"throughput_layers_{layers}.png": best,
+    }
 
 
 def test_compare_tables_each_winner(swept):
@@ -109,7 +140,11 @@ def test_compare_tables_each_winner(swept):
     assert set(rows) == {"free", "limited"}
     assert [rows["free"][c] for c in ("batch", "rank", "layers")] == ["4", "8", "4"]
     assert [rows["limited"][c] for c in ("limit GB", "batch", "rank", "layers")] == [
-        report.gb(swept.limit), "1", "8", "4"]
+        report.gb(swept.limit),
+        "1",
+        "8",
+        "4",
+    ]
     assert Image.open(directory / "comparison.png").size[0] > 1000
 
 
@@ -133,10 +168,18 @@ def test_missing_study_is_a_user_error(swept):
 def test_command_line(swept):
     out = swept.tmp / "cli"
     proc = subprocess.run(
-        command("your_ai.report", f"sweep.storage=sqlite:///{swept.tmp}/optuna.db",
-                f"paths.sweeps={out}", "sweep.study_name=limited",
-                f"hydra.run.dir={swept.tmp}/hydra"),
-        capture_output=True, text=True, env=command_env(), cwd=ROOT, timeout=120,
+        command(
+            "your_ai.report",
+            f"sweep.storage=sqlite:///{swept.tmp}/optuna.db",
+            f"paths.sweeps={out}",
+            "sweep.study_name=limited",
+            f"hydra.run.dir={swept.tmp}/hydra",
+        ),
+        capture_output=True,
+        text=True,
+        env=command_env(),
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == f"report: {out / 'limited'} (4 maps, 6 interactive plots)"

@@ -19,8 +19,10 @@ from your_ai import study
 def postgres_url():
     url = os.environ.get("YOUR_AI_TEST_POSTGRES")
     if not url:
-        pytest.fail("YOUR_AI_TEST_POSTGRES is not set: ./.ci/run starts a PostgreSQL server for "
-                    "these tests (or: eval \"$(scripts/postgres.sh start /tmp/pg)\")")
+        pytest.fail(
+            "YOUR_AI_TEST_POSTGRES is not set: ./.ci/run starts a PostgreSQL server for "
+            'these tests (or: eval "$(scripts/postgres.sh start /tmp/pg)")'
+        )
     return url
 
 
@@ -42,17 +44,31 @@ def spread_limit(tmp_path_factory):
 
 
 def workers(tmp, storage, name, count, *extra):
-    overrides = [f"sweep.storage={storage}", f"sweep.study_name={name}", f"paths.sweeps={tmp}",
-                 f"paths.profiles={tmp}/profiles", "sweep.report=false", *extra]
-    return [subprocess.Popen(command("your_ai.sweep", *overrides), cwd=ROOT, env=command_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-            for _ in range(count)]
+    overrides = [
+        f"sweep.storage={storage}",
+        f"sweep.study_name={name}",
+        f"paths.sweeps={tmp}",
+        f"paths.profiles={tmp}/profiles",
+        "sweep.report=false",
+        *extra,
+    ]
+    return [
+        subprocess.Popen(
+            command("your_ai.sweep", *overrides),
+            cwd=ROOT,
+            env=command_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(count)
+    ]
 
 
 def finish(procs):
     outputs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return [out for out, _ in outputs]
 
@@ -62,8 +78,17 @@ def finish(procs):
 def test_workers_share_the_grid_in_postgres(tmp_path, postgres_url, spread_limit, count):
     limit_gb, expected_pruned, best_score = spread_limit
     name = f"pg-{count}-{uuid.uuid4().hex[:6]}"
-    outs = finish(workers(tmp_path, postgres_url, name, count, *SPREAD_GRID, "sweep.margin=0",
-                          f"sweep.max_memory_gb={limit_gb}"))
+    outs = finish(
+        workers(
+            tmp_path,
+            postgres_url,
+            name,
+            count,
+            *SPREAD_GRID,
+            "sweep.margin=0",
+            f"sweep.max_memory_gb={limit_gb}",
+        )
+    )
     st = optuna.load_study(study_name=name, storage=postgres_url)
     assert len(st.trials) == 8  # no duplicate and no surplus trial
     counts = measured_once(st)
@@ -77,10 +102,18 @@ def test_workers_share_the_grid_in_postgres(tmp_path, postgres_url, spread_limit
     assert sum(out.count("✓") + out.count("✗") for out in outs) == 8
 
 
-SLOW = ["sweep.grid.batch_size=[1,2]", "sweep.grid.rank=[4,8]", "sweep.grid.num_layers=[2,4]",
-        "sweep.steps=40", "sweep.warmup_steps=1", "sweep.early_stop=false",
-        "training.max_seq_length=64", "sweep.export=false", "sweep.heartbeat_interval_s=1",
-        "sweep.grace_period_s=4"]
+SLOW = [
+    "sweep.grid.batch_size=[1,2]",
+    "sweep.grid.rank=[4,8]",
+    "sweep.grid.num_layers=[2,4]",
+    "sweep.steps=40",
+    "sweep.warmup_steps=1",
+    "sweep.early_stop=false",
+    "training.max_seq_length=64",
+    "sweep.export=false",
+    "sweep.heartbeat_interval_s=1",
+    "sweep.grace_period_s=4",
+]
 
 
 @pytest.mark.slow
@@ -93,8 +126,11 @@ def test_a_killed_worker_trial_is_taken_up_by_another(tmp_path, postgres_url):
             st = optuna.load_study(study_name=name, storage=postgres_url)
         except KeyError:
             return None
-        mine = [t for t in st.get_trials(states=(TrialState.RUNNING,))
-                if t.system_attrs.get(study.WORKER_ATTR, {}).get("pid") == first.pid]
+        mine = [
+            t
+            for t in st.get_trials(states=(TrialState.RUNNING,))
+            if t.system_attrs.get(study.WORKER_ATTR, {}).get("pid") == first.pid
+        ]
         return mine[0] if mine and mine[0].number >= 1 else None
 
     second = workers(tmp_path, postgres_url, name, 1, *SLOW)[0]
@@ -117,7 +153,8 @@ def test_journal_file_storage_with_two_processes(tmp_path):
     journal = f"journal:{tmp_path}/study.log"
     finish(workers(tmp_path, journal, "journal", 2, *SPREAD_GRID))
     storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(f"{tmp_path}/study.log"))
+        optuna.storages.journal.JournalFileBackend(f"{tmp_path}/study.log")
+    )
     st = optuna.load_study(study_name="journal", storage=storage)
     counts = measured_once(st)
     assert len(st.trials) == 8 and len(counts) == 8 and set(counts.values()) == {1}

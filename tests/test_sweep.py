@@ -15,9 +15,15 @@ from optuna.trial import TrialState
 from tests.conftest import ROOT, SMALL_GRID, command, command_env, compose_config, isolated
 from your_ai import models, study, sweep, trial
 
-SPREAD_GRID = ["sweep.grid.batch_size=[2,8]", "sweep.grid.rank=[8,64]",
-               "sweep.grid.num_layers=[4,24]", "sweep.steps=4", "sweep.warmup_steps=1",
-               "sweep.early_stop=false", "sweep.export=false"]
+SPREAD_GRID = [
+    "sweep.grid.batch_size=[2,8]",
+    "sweep.grid.rank=[8,64]",
+    "sweep.grid.num_layers=[4,24]",
+    "sweep.steps=4",
+    "sweep.warmup_steps=1",
+    "sweep.early_stop=false",
+    "sweep.export=false",
+]
 
 
 def sweep_command(tmp, *overrides):
@@ -39,8 +45,14 @@ def measured_once(st) -> dict:
 
 @pytest.mark.slow
 def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path):
-    proc = subprocess.run(sweep_command(tmp_path, "mode=quick"), capture_output=True, text=True,
-                          cwd=ROOT, env=command_env(), timeout=600)
+    proc = subprocess.run(
+        sweep_command(tmp_path, "mode=quick"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=command_env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     header = out.splitlines()[0]
@@ -49,16 +61,36 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
     st = load(tmp_path, "tiny-quick")
     counts = measured_once(st)
     assert len(counts) == 12 and set(counts.values()) == {1}
-    assert len(re.findall(r"^\[\d+/12\] batch_size=\d+, rank=\d+, num_layers=\d+ \.\.\. ✓ \d+ MB, "
-                          r"[\d.]+s/step, \d+ tok/s$", out, flags=re.M)) == 12
+    assert (
+        len(
+            re.findall(
+                r"^\[\d+/12\] batch_size=\d+, rank=\d+, num_layers=\d+ \.\.\. ✓ \d+ MB, "
+                r"[\d.]+s/step, \d+ tok/s$",
+                out,
+                flags=re.M,
+            )
+        )
+        == 12
+    )
     best = max(st.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
     p, a = best.params, best.user_attrs
     assert (p["training.batch_size"], p["lora.rank"], p["lora.num_layers"]) == (8, 128, 24)
-    assert f"optimal: batch_size=8, rank=128, alpha=256, layers=24, peak {a['peak_memory_mb']:.0f} MB" in out
+    assert (
+        f"optimal: batch_size=8, rank=128, alpha=256, layers=24, peak {a['peak_memory_mb']:.0f} MB"
+        in out
+    )
     assert "tested 12, passed 12, pruned 0" in out
     # Every measurement is a trial attribute (what optuna-dashboard shows).
-    for key in ("peak_memory_mb", "peak_memory_gb_with_margin", "mlx_peak_mb", "baseline_mb",
-                "step_time_s", "tokens_per_sec", "score", "steps_run"):
+    for key in (
+        "peak_memory_mb",
+        "peak_memory_gb_with_margin",
+        "mlx_peak_mb",
+        "baseline_mb",
+        "step_time_s",
+        "tokens_per_sec",
+        "score",
+        "steps_run",
+    ):
         assert all(key in t.user_attrs for t in st.trials), key
     assert a["mlx_peak_mb"] > 0 and a["tokens_per_sec"] > 0
     profile = yaml.safe_load((tmp_path / "profiles" / "best.yaml").read_text())
@@ -68,22 +100,33 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
     assert profile["defaults"] == [{"override /model": "tiny"}]
     import json
 
-    hardware = json.loads((tmp_path / "sweeps" / "tiny-quick" / "hardware_profile.json").read_text())
+    hardware = json.loads(
+        (tmp_path / "sweeps" / "tiny-quick" / "hardware_profile.json").read_text()
+    )
     assert hardware["optimal_batch_size"] == 8 and hardware["optimal_lora_layers"] == 24
     assert len(hardware["all_results"]) == 12 and hardware["hardware"]["backend"] == "cpu"
 
     # Rerunning the same command measures nothing again.
-    again = subprocess.run(sweep_command(tmp_path, "mode=quick"), capture_output=True,
-                           text=True, cwd=ROOT, env=command_env(), timeout=600)
+    again = subprocess.run(
+        sweep_command(tmp_path, "mode=quick"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=command_env(),
+        timeout=600,
+    )
     assert again.returncode == 0 and "✓" not in again.stdout
     assert len(load(tmp_path, "tiny-quick").trials) == 12
 
 
 def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):
-    free = compose_config([*isolated(tmp_path), *SPREAD_GRID, "sweep.study_name=free",
-                           "sweep.margin=0"])
-    peaks = {tuple(sorted(t.params.items())): t.user_attrs["peak_memory_mb"]
-             for t in sweep.run(free)["study"].trials}
+    free = compose_config(
+        [*isolated(tmp_path), *SPREAD_GRID, "sweep.study_name=free", "sweep.margin=0"]
+    )
+    peaks = {
+        tuple(sorted(t.params.items())): t.user_attrs["peak_memory_mb"]
+        for t in sweep.run(free)["study"].trials
+    }
     ordered = sorted(peaks.values())
     gaps = [i for i in range(len(ordered) - 1) if ordered[i + 1] - ordered[i] > 5]
     cut = min(gaps, key=lambda i: abs(i - len(ordered) / 2))
@@ -91,8 +134,15 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):
     expected_pruned = {k for k, v in peaks.items() if v > limit_mb}
     assert 0 < len(expected_pruned) < len(peaks)
 
-    limited = compose_config([*isolated(tmp_path), *SPREAD_GRID, "sweep.study_name=limited",
-                              "sweep.margin=0", f"sweep.max_memory_gb={limit_mb / 1000}"])
+    limited = compose_config(
+        [
+            *isolated(tmp_path),
+            *SPREAD_GRID,
+            "sweep.study_name=limited",
+            "sweep.margin=0",
+            f"sweep.max_memory_gb={limit_mb / 1000}",
+        ]
+    )
     summary = sweep.run(limited)
     st = summary["study"]
     by_point = {tuple(sorted(t.params.items())): t for t in st.trials}
@@ -134,23 +184,41 @@ def running_trial(tmp, name, min_number=1):
     return running[0] if running else None
 
 
-SLOW_GRID = [*SMALL_GRID[:3], "sweep.steps=40", "sweep.warmup_steps=1", "sweep.early_stop=false",
-             "training.max_seq_length=64", "sweep.study_name=killed", "sweep.export=false"]
+SLOW_GRID = [
+    *SMALL_GRID[:3],
+    "sweep.steps=40",
+    "sweep.warmup_steps=1",
+    "sweep.early_stop=false",
+    "training.max_seq_length=64",
+    "sweep.study_name=killed",
+    "sweep.export=false",
+]
 
 
 @pytest.mark.slow
 def test_sweep_killed_mid_trial_then_rerun_measures_every_point_once(tmp_path):
-    proc = subprocess.Popen(sweep_command(tmp_path, *SLOW_GRID), cwd=ROOT, env=command_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        sweep_command(tmp_path, *SLOW_GRID),
+        cwd=ROOT,
+        env=command_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     victim = wait_for(lambda: running_trial(tmp_path, "killed", min_number=2))
     time.sleep(0.5)  # mid-trial: some steps done, not all
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert load(tmp_path, "killed").trials[victim.number].state == TrialState.RUNNING
 
-    rerun = subprocess.run(sweep_command(tmp_path, *SLOW_GRID), capture_output=True, text=True,
-                           cwd=ROOT, env=command_env(), timeout=600)
+    rerun = subprocess.run(
+        sweep_command(tmp_path, *SLOW_GRID),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=command_env(),
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"retrying trials of a sweep that died: [{victim.number}]" in rerun.stdout
     st = load(tmp_path, "killed")
@@ -167,8 +235,14 @@ def test_sweep_killed_mid_trial_then_rerun_measures_every_point_once(tmp_path):
 @pytest.mark.slow
 def test_worker_killed_from_outside_is_pruned_for_memory_and_the_sweep_goes_on(tmp_path):
     grid = [*SLOW_GRID[:-2], "sweep.study_name=oom", "sweep.export=false"]
-    proc = subprocess.Popen(sweep_command(tmp_path, *grid), cwd=ROOT, env=command_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        sweep_command(tmp_path, *grid),
+        cwd=ROOT,
+        env=command_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     victim = wait_for(lambda: running_trial(tmp_path, "oom", min_number=3))
     time.sleep(0.5)
     workers = psutil.Process(proc.pid).children(recursive=True)
@@ -192,16 +266,27 @@ def test_worker_killed_from_outside_is_pruned_for_memory_and_the_sweep_goes_on(t
 
 
 def test_trials_in_one_worker_leave_no_residue(tmp_path):
-    cfg = compose_config([*isolated(tmp_path), f"paths.models={tmp_path}/models",
-                          "sweep.steps=8", "sweep.warmup_steps=2", "sweep.early_stop=false",
-                          "training.grad_checkpoint=true"])
+    cfg = compose_config(
+        [
+            *isolated(tmp_path),
+            f"paths.models={tmp_path}/models",
+            "sweep.steps=8",
+            "sweep.warmup_steps=2",
+            "sweep.early_stop=false",
+            "training.grad_checkpoint=true",
+        ]
+    )
     loaded = models.load(cfg.model, cfg.paths.models)
     limits = trial.Limits(max_bytes=1e12, margin=0.15, baseline_bytes=0)
     probe = {"training.batch_size": 4, "lora.rank": 64, "lora.num_layers": 16}
     first = trial.measure(loaded, cfg, probe, limits)
     for batch, rank, layers in ((8, 128, 24), (2, 64, 32), (8, 64, 8), (4, 128, 24)):
-        trial.measure(loaded, cfg, {"training.batch_size": batch, "lora.rank": rank,
-                                    "lora.num_layers": layers}, limits)
+        trial.measure(
+            loaded,
+            cfg,
+            {"training.batch_size": batch, "lora.rank": rank, "lora.num_layers": layers},
+            limits,
+        )
     again = trial.measure(loaded, cfg, probe, limits)
     assert first["state"] == again["state"] == "complete"
     assert again["peak_bytes"] == pytest.approx(first["peak_bytes"], rel=0.01)

@@ -20,7 +20,11 @@ from your_ai import checkpoint, export, train
 def run_train(tmp_path, *overrides, check=True):
     proc = subprocess.run(
         command("your_ai.train", f"hydra.run.dir={tmp_path}", *overrides),
-        capture_output=True, text=True, env=command_env(), cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=command_env(),
+        cwd=ROOT,
+        timeout=600,
     )
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -41,7 +45,9 @@ def exported_profile(small_sweep):
     cfg.paths.profiles = str(ROOT / "conf" / "profile")
     document = export.export(cfg, summary["study"])
     path = ROOT / "conf" / "profile" / f"{name}.yaml"
-    named = path.parent / f"{document['measured']['model']}-{document['measured']['hardware']}.yaml"
+    named = (
+        path.parent / f"{document['measured']['model']}-{document['measured']['hardware']}.yaml"
+    )
     yield name, path, document
     path.unlink(missing_ok=True)
     named.unlink(missing_ok=True)
@@ -62,8 +68,9 @@ def test_profile_round_trip_with_override_winning(tmp_path, exported_profile, sm
     assert applied["batch_size"] == best.params["training.batch_size"]
 
     other = 3 if best.params["training.batch_size"] != 3 else 1
-    proc = run_train(tmp_path / "b", f"+profile={name}", f"training.batch_size={other}",
-                     "training.max_steps=2")
+    proc = run_train(
+        tmp_path / "b", f"+profile={name}", f"training.batch_size={other}", "training.max_steps=2"
+    )
     assert adapter_config(tmp_path / "b")["batch_size"] == other
     assert "warning" not in proc.stderr.lower()
 
@@ -85,8 +92,13 @@ def test_unknown_profile_is_one_clear_error(tmp_path):
 def test_adapters_load_in_mlx_lm_and_match_our_outputs(make_cfg, tmp_path):
     from mlx_lm.utils import load
 
-    cfg = make_cfg("training.max_steps=6", "training.save_every=3", "lora.num_layers=4",
-                   "lora.rank=8", f"paths.models={tmp_path}/models")
+    cfg = make_cfg(
+        "training.max_steps=6",
+        "training.save_every=3",
+        "lora.num_layers=4",
+        "lora.rank=8",
+        f"paths.models={tmp_path}/models",
+    )
     result = train.run(cfg)
     ours = result["model"]
     config = adapter_config(result["output_dir"])
@@ -106,14 +118,24 @@ def adapters(run_dir):
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_ends_like_a_straight_one(tmp_path):
-    settings = ["training.max_steps=40", "training.save_every=5", "training.batch_size=8",
-                "lora.rank=8", "lora.num_layers=8"]
+    settings = [
+        "training.max_steps=40",
+        "training.save_every=5",
+        "training.batch_size=8",
+        "lora.rank=8",
+        "lora.num_layers=8",
+    ]
     run_train(tmp_path / "straight", *settings)
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(command("your_ai.train", f"hydra.run.dir={interrupted}", *settings),
-                            cwd=ROOT, env=command_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        command("your_ai.train", f"hydra.run.dir={interrupted}", *settings),
+        cwd=ROOT,
+        env=command_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         latest = checkpoint.latest(interrupted / "checkpoints")
@@ -138,16 +160,27 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
     proc = run_train(tmp_path, "resume=true", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: resume=true: no checkpoint in {tmp_path}/checkpoints")
+        f"error: resume=true: no checkpoint in {tmp_path}/checkpoints"
+    )
 
 
 @pytest.mark.slow
 def test_auto_optimize_trains_with_the_sweep_winner(tmp_path):
     from tests.conftest import SMALL_GRID
 
-    proc = run_train(tmp_path / "run", "auto_optimize=true", "training.max_steps=2",
-                     f"sweep.storage=sqlite:///{tmp_path}/optuna.db", f"paths.sweeps={tmp_path}",
-                     "sweep.report=false", *SMALL_GRID)
+    proc = run_train(
+        tmp_path / "run",
+        "auto_optimize=true",
+        "training.max_steps=2",
+        f"sweep.storage=sqlite:///{tmp_path}/optuna.db",
+        f"paths.sweeps={tmp_path}",
+        "sweep.report=false",
+        *SMALL_GRID,
+    )
     assert "optimal: batch_size=2, rank=8, alpha=16, layers=4" in proc.stdout
     config = adapter_config(tmp_path / "run")
-    assert (config["batch_size"], config["lora_parameters"]["rank"], config["num_layers"]) == (2, 8, 4)
+    assert (config["batch_size"], config["lora_parameters"]["rank"], config["num_layers"]) == (
+        2,
+        8,
+        4,
+    )

@@ -20,7 +20,7 @@ KEEP = 2
 
 
 def save_adapters(model: nn.Module, directory: Path, adapter_config: dict) -> None:
-    """`adapters.safetensors` + `adapter_config.json`, as mlx_lm.generate and mlx_lm.fuse read them."""
+    """`adapters.safetensors` + `adapter_config.json`, read as they are by mlx_lm.generate/fuse."""
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".adapters.", suffix=".safetensors", dir=directory)
     os.close(fd)
@@ -29,8 +29,14 @@ def save_adapters(model: nn.Module, directory: Path, adapter_config: dict) -> No
     atomic_write(directory / CONFIG_FILE, json.dumps(adapter_config, indent=2) + "\n")
 
 
-def save(root: Path, step: int, model: nn.Module, optimizer: optim.Optimizer,
-         adapter_config: dict, state: dict) -> Path:
+def save(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    adapter_config: dict,
+    state: dict,
+) -> Path:
     """A complete checkpoint directory, renamed into place, then `latest` pointed at it."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"

@@ -42,7 +42,8 @@ def parse_line(raw: bytes, path: Path, line_no: int) -> Example | None:
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{where}: malformed JSON ({err.msg if hasattr(err, 'msg') else err})")
+        reason = err.msg if hasattr(err, "msg") else err
+        raise UserError(f"{where}: malformed JSON ({reason})") from None
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for field in FIELDS:

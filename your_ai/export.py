@@ -1,4 +1,4 @@
-"""`python -m your_ai.export`: the study's best trial as a Hydra profile and a JSON hardware profile.
+"""`python -m your_ai.export`: the study's best trial as a Hydra profile and a hardware profile.
 
 `conf/profile/best.yaml` is applied with `+profile=best`; each export is also kept as
 `conf/profile/<model>-<hardware>.yaml`. `python -m your_ai.export --list` shows them all.
@@ -37,8 +37,11 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def best_trial(st):
-    complete = [t for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if not t.system_attrs.get(study.SURPLUS_ATTR)]
+    complete = [
+        t
+        for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not t.system_attrs.get(study.SURPLUS_ATTR)
+    ]
     if not complete:
         return None
     return max(complete, key=lambda t: (t.value, t.user_attrs.get("tokens_per_sec", 0)))
@@ -56,8 +59,12 @@ def profile_document(st, trial, url: str) -> dict:
             "max_seq_length": settings["max_seq_length"],
             "grad_checkpoint": settings["grad_checkpoint"],
         },
-        "lora": {"rank": rank, "alpha": 2 * rank, "num_layers": int(p["lora.num_layers"]),
-                 "keys": settings["lora_keys"]},
+        "lora": {
+            "rank": rank,
+            "alpha": 2 * rank,
+            "num_layers": int(p["lora.num_layers"]),
+            "keys": settings["lora_keys"],
+        },
         "measured": {
             "study": st.study_name,
             "storage": study.redact(url),
@@ -95,8 +102,12 @@ def hardware_profile(st, trial, document: dict) -> dict:
         "tokens_per_sec": measured["tokens_per_sec"],
         "step_time_s": measured["step_time_s"],
         "created_at": measured["created_at"],
-        "hardware": {"id": measured["hardware"], "device": measured["device"],
-                     "backend": measured["backend"], **st.user_attrs.get("device", {})},
+        "hardware": {
+            "id": measured["hardware"],
+            "device": measured["device"],
+            "backend": measured["backend"],
+            **st.user_attrs.get("device", {}),
+        },
         "study": st.study_name,
         "all_results": results,
     }
@@ -104,9 +115,11 @@ def hardware_profile(st, trial, document: dict) -> dict:
 
 def render_profile(document: dict) -> str:
     m = document["measured"]
-    header = (f"# @package _global_\n# Measured by your_ai.sweep: study {m['study']}, trial "
-              f"{m['trial']}, on {m['device']} ({m['hardware']}), {m['created_at']}.\n"
-              "# Apply with +profile=<name>; command-line overrides win over these values.\n")
+    header = (
+        f"# @package _global_\n# Measured by your_ai.sweep: study {m['study']}, trial "
+        f"{m['trial']}, on {m['device']} ({m['hardware']}), {m['created_at']}.\n"
+        "# Apply with +profile=<name>; command-line overrides win over these values.\n"
+    )
     return header + yaml.safe_dump(document, sort_keys=False)
 
 
@@ -136,8 +149,11 @@ def list_profiles(directory: Path, out=sys.stdout) -> int:
     if not files:
         print(f"no profiles in {directory}", file=out)
         return 0
-    print(f"{'profile':<44} {'batch':>5} {'rank':>5} {'layers':>6} {'peak MB':>9} "
-          f"{'tok/s':>8}  measured on", file=out)
+    print(
+        f"{'profile':<44} {'batch':>5} {'rank':>5} {'layers':>6} {'peak MB':>9} "
+        f"{'tok/s':>8}  measured on",
+        file=out,
+    )
     for path in files:
         try:
             doc = yaml.safe_load(path.read_text())
@@ -145,9 +161,12 @@ def list_profiles(directory: Path, out=sys.stdout) -> int:
         except (yaml.YAMLError, KeyError, TypeError):
             print(f"{path.stem:<44} (not a your_ai profile)", file=out)
             continue
-        print(f"{path.stem:<44} {t['batch_size']:>5} {lo['rank']:>5} {lo['num_layers']:>6} "
-              f"{m['peak_memory_mb']:>9.0f} {m['tokens_per_sec']:>8.0f}  "
-              f"{m['model']} on {m['device']} ({m['created_at']})", file=out)
+        print(
+            f"{path.stem:<44} {t['batch_size']:>5} {lo['rank']:>5} {lo['num_layers']:>6} "
+            f"{m['peak_memory_mb']:>9.0f} {m['tokens_per_sec']:>8.0f}  "
+            f"{m['model']} on {m['device']} ({m['created_at']})",
+            file=out,
+        )
     return len(files)
 
 

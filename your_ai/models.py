@@ -27,7 +27,7 @@ class LoadedModel:
 
 
 def byte_tokenizer(directory: Path) -> None:
-    """Write a byte-level BPE tokenizer (256 bytes + 3 specials) that transformers loads offline."""
+    """Write a byte-level BPE tokenizer (256 bytes + 3 specials) that loads offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -118,7 +118,9 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
             architecture = json.loads((local / "config.json").read_text())
         model = build_from_architecture(architecture, model_cfg.dtype, seed)
         has_tokenizer = (local / "tokenizer_config.json").exists()
-        tokenizer = load_tokenizer(local) if has_tokenizer else embedded_tokenizer(Path(models_dir))
+        tokenizer = (
+            load_tokenizer(local) if has_tokenizer else embedded_tokenizer(Path(models_dir))
+        )
     else:
         if looks_local(path) and not local.exists():
             raise UserError(f"model.path={path}: no such directory")

@@ -46,16 +46,21 @@ def settings_of(st) -> dict:
 def cells(st, num_layers: int) -> dict[tuple[int, int], optuna.trial.FrozenTrial]:
     """(batch size, rank) -> the measured trial at that point of one layer count."""
     batch, rank, layers = (study.AXES[a] for a in ("batch_size", "rank", "num_layers"))
-    return {(t.params[batch], t.params[rank]): t for t in study.measured_grid_trials(st)
-            if t.params.get(layers) == num_layers}
+    return {
+        (t.params[batch], t.params[rank]): t
+        for t in study.measured_grid_trials(st)
+        if t.params.get(layers) == num_layers
+    }
 
 
 def short_params(t) -> str:
     if t is None:
         return "a pruned one"
     p = t.params
-    return (f"batch {p[study.AXES['batch_size']]}, rank {p[study.AXES['rank']]},\n"
-            f"{p[study.AXES['num_layers']]} layers")
+    return (
+        f"batch {p[study.AXES['batch_size']]}, rank {p[study.AXES['rank']]},\n"
+        f"{p[study.AXES['num_layers']]} layers"
+    )
 
 
 def pruned_text(attrs: dict, limit_gb: float) -> str:
@@ -95,32 +100,72 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
                 if norm(value) > 0.6:
                     colour = "white"
             elif t.user_attrs.get("dominated_by_params"):
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=DOMINATED_FILL,
-                                       edgecolor=DOMINATED_EDGE, hatch="..", linewidth=0))
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.5, i - 0.5),
+                        1,
+                        1,
+                        facecolor=DOMINATED_FILL,
+                        edgecolor=DOMINATED_EDGE,
+                        hatch="..",
+                        linewidth=0,
+                    )
+                )
                 dominator = by_number.get(t.user_attrs.get("dominated_by"))
                 text = "dominated by\n" + short_params(dominator)
                 colour = "#404040"
             else:
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=PRUNED_FILL,
-                                       edgecolor=PRUNED_EDGE, hatch="///", linewidth=0))
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.5, i - 0.5),
+                        1,
+                        1,
+                        facecolor=PRUNED_FILL,
+                        edgecolor=PRUNED_EDGE,
+                        hatch="///",
+                        linewidth=0,
+                    )
+                )
                 text = pruned_text(t.user_attrs, limit)
                 colour = PRUNED_EDGE
             if best is not None and t is not None and t.number == best.number:
                 best_point = (b, r)
-                ax.add_patch(Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False,
-                                       edgecolor=BEST_EDGE, linewidth=5, zorder=3))
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.48, i - 0.48),
+                        0.96,
+                        0.96,
+                        fill=False,
+                        edgecolor=BEST_EDGE,
+                        linewidth=5,
+                        zorder=3,
+                    )
+                )
                 text = f"BEST\n{text}"
-            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9,
-                    fontweight="bold" if best_point == (b, r) else "normal", zorder=4,
-                    bbox={"facecolor": "white", "alpha": 0.75, "linewidth": 0, "pad": 1.5}
-                    if t is not None and t.state != TrialState.COMPLETE else None)
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                color=colour,
+                fontsize=9,
+                fontweight="bold" if best_point == (b, r) else "normal",
+                zorder=4,
+                bbox={"facecolor": "white", "alpha": 0.75, "linewidth": 0, "pad": 1.5}
+                if t is not None and t.state != TrialState.COMPLETE
+                else None,
+            )
     ax.set_xticks(range(len(batches)), [str(b) for b in batches])
     ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
     ax.set_xlabel("batch size")
     ax.set_ylabel("LoRA rank")
-    what = (f"peak memory + {settings['margin']:.0%} margin" if memory else "throughput")
-    ax.set_title(f"{st.study_name}: {what}, LoRA on {num_layers} layers\n"
-                 f"memory limit {gb(limit)} GB (margin included)", fontsize=11)
+    what = f"peak memory + {settings['margin']:.0%} margin" if memory else "throughput"
+    ax.set_title(
+        f"{st.study_name}: {what}, LoRA on {num_layers} layers\n"
+        f"memory limit {gb(limit)} GB (margin included)",
+        fontsize=11,
+    )
     if norm.vmin is not None and any(v == v for row in values for v in row):
         bar = fig.colorbar(image, ax=ax)
         bar.set_label("GB (peak + margin)" if memory else "tokens/s")
@@ -128,17 +173,30 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
             bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: gb(x)))
         if memory and norm.vmin <= limit <= norm.vmax:
             bar.ax.axhline(limit, color=PRUNED_EDGE, linewidth=3)
-    legend = [Patch(facecolor=PRUNED_FILL, edgecolor=PRUNED_EDGE, hatch="///",
-                    label="pruned: over the limit"),
-              Patch(facecolor=DOMINATED_FILL, edgecolor=DOMINATED_EDGE, hatch="..",
-                    label="dominated: not run, a smaller one was pruned"),
-              Patch(facecolor="white", edgecolor=BEST_EDGE, linewidth=3, label="best")]
+    legend = [
+        Patch(
+            facecolor=PRUNED_FILL,
+            edgecolor=PRUNED_EDGE,
+            hatch="///",
+            label="pruned: over the limit",
+        ),
+        Patch(
+            facecolor=DOMINATED_FILL,
+            edgecolor=DOMINATED_EDGE,
+            hatch="..",
+            label="dominated: not run, a smaller one was pruned",
+        ),
+        Patch(facecolor="white", edgecolor=BEST_EDGE, linewidth=3, label="best"),
+    ]
     if memory:
         legend.append(Line2D([], [], color=PRUNED_EDGE, linewidth=3, label="memory limit"))
-    fig.legend(handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8,
-               frameon=False)
-    metadata = {"Title": f"{st.study_name} {metric} layers={num_layers}",
-                "Software": "your_ai.report"}
+    fig.legend(
+        handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8, frameon=False
+    )
+    metadata = {
+        "Title": f"{st.study_name} {metric} layers={num_layers}",
+        "Software": "your_ai.report",
+    }
     if best_point is not None:
         # Names the winner in the file itself, for tools that read maps without seeing them.
         metadata["Best"] = study.describe_params(best.params)
@@ -151,8 +209,12 @@ def shared_norm(trials: list, metric: str, limit_gb: float) -> Normalize:
     The memory scale reaches the limit when the limit is near the measurements, so the colour
     bar shows how close the configurations came; a far-off limit would wash every cell out.
     """
-    values = [t.user_attrs[metric] for t in trials if t.user_attrs.get(metric) is not None
-              and (t.state == TrialState.COMPLETE or metric == PEAK)]
+    values = [
+        t.user_attrs[metric]
+        for t in trials
+        if t.user_attrs.get(metric) is not None
+        and (t.state == TrialState.COMPLETE or metric == PEAK)
+    ]
     if not values:
         return Normalize()
     low, high = min(values), max(values)
@@ -167,8 +229,10 @@ def interactive_plots(st, directory: Path) -> list[Path]:
     """Optuna's plots that stay valid with a handful of trials (importances need many)."""
     vis = optuna.visualization
     objective = settings_of(st)["objective"]
-    memory = {"target": lambda t: t.user_attrs["peak_memory_mb"],
-              "target_name": "peak memory (MB)"}
+    memory = {
+        "target": lambda t: t.user_attrs["peak_memory_mb"],
+        "target_name": "peak memory (MB)",
+    }
     throughput = {"target": lambda t: t.user_attrs[TOKENS], "target_name": "tokens/s"}
     plots = {
         "history.html": lambda: vis.plot_optimization_history(st, target_name=objective),
@@ -208,20 +272,44 @@ def write(cfg: DictConfig, st, out=sys.stdout) -> list[Path]:
 
 def winner_row(st) -> dict:
     settings, best = settings_of(st), export.best_trial(st)
-    row = {"study": st.study_name, "model": settings["model"], "hardware": settings["hardware"],
-           "limit GB": gb(settings["max_memory_gb"])}
+    row = {
+        "study": st.study_name,
+        "model": settings["model"],
+        "hardware": settings["hardware"],
+        "limit GB": gb(settings["max_memory_gb"]),
+    }
     if best is None:
         return row
     a, p = best.user_attrs, best.params
-    row.update({"batch": p[study.AXES["batch_size"]], "rank": p[study.AXES["rank"]],
-                "layers": p[study.AXES["num_layers"]], "score": a["score"],
-                "peak MB": f"{a['peak_memory_mb']:.0f}", "GB + margin": gb(a[PEAK]),
-                "tok/s": f"{a[TOKENS]:.0f}", "s/step": f"{a['step_time_s']:.3f}"})
+    row.update(
+        {
+            "batch": p[study.AXES["batch_size"]],
+            "rank": p[study.AXES["rank"]],
+            "layers": p[study.AXES["num_layers"]],
+            "score": a["score"],
+            "peak MB": f"{a['peak_memory_mb']:.0f}",
+            "GB + margin": gb(a[PEAK]),
+            "tok/s": f"{a[TOKENS]:.0f}",
+            "s/step": f"{a['step_time_s']:.3f}",
+        }
+    )
     return row
 
 
-COLUMNS = ("study", "model", "hardware", "limit GB", "batch", "rank", "layers", "score",
-           "peak MB", "GB + margin", "tok/s", "s/step")
+COLUMNS = (
+    "study",
+    "model",
+    "hardware",
+    "limit GB",
+    "batch",
+    "rank",
+    "layers",
+    "score",
+    "peak MB",
+    "GB + margin",
+    "tok/s",
+    "s/step",
+)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -244,8 +332,11 @@ def compare(cfg: DictConfig, studies: list, out=sys.stdout) -> list[Path]:
         labels.append(f"{st.study_name}\n{what}")
     fig = Figure(figsize=(14, 1.6 + 0.9 * len(studies)), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
-    metrics = (("score", "score (batch x rank x layers)"), (PEAK, "peak memory + margin (GB)"),
-               (TOKENS, "tokens/s"))
+    metrics = (
+        ("score", "score (batch x rank x layers)"),
+        (PEAK, "peak memory + margin (GB)"),
+        (TOKENS, "tokens/s"),
+    )
     positions = range(len(studies))
     for ax, (key, title) in zip(axes, metrics, strict=True):
         values, texts = [], []

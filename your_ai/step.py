@@ -24,8 +24,12 @@ def lora_parameters(lora: DictConfig, rank: int | None = None) -> dict:
     alpha = float(lora.alpha) if lora.alpha is not None and rank == lora.rank else 2.0 * rank
     if rank <= 0:
         raise UserError(f"lora.rank={rank} must be positive")
-    return {"rank": rank, "scale": alpha / rank, "dropout": float(lora.dropout),
-            "keys": list(lora["keys"])}
+    return {
+        "rank": rank,
+        "scale": alpha / rank,
+        "dropout": float(lora.dropout),
+        "keys": list(lora["keys"]),
+    }
 
 
 def _allow_checkpoint(layer_class: type) -> None:
@@ -190,7 +194,13 @@ def split_micro_batches(batch, accumulation: int) -> list[tuple]:
         )
     part = size // accumulation
     return [
-        to_mx(Batch(*(getattr(batch, f)[i * part : (i + 1) * part] for f in
-                      ("tokens", "lengths", "auth_weight", "prov_entropy"))))
+        to_mx(
+            Batch(
+                *(
+                    getattr(batch, f)[i * part : (i + 1) * part]
+                    for f in ("tokens", "lengths", "auth_weight", "prov_entropy")
+                )
+            )
+        )
         for i in range(accumulation)
     ]

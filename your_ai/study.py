@@ -16,14 +16,14 @@ from pathlib import Path
 
 import optuna
 import psutil
+from filelock import FileLock
 from optuna.samplers import GridSampler
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
-from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 from your_ai.errors import UserError
 
@@ -60,7 +60,7 @@ def search_space(grid) -> dict[str, list[int]]:
 def light_first(space: dict[str, list[int]]) -> list[dict]:
     """All grid points, lighter first: each point comes after every point it dominates."""
     names = sorted(space)
-    points = [dict(zip(names, values)) for values in GridSampler(space)._all_grids]
+    points = [dict(zip(names, values, strict=True)) for values in GridSampler(space)._all_grids]
     return sorted(points, key=lambda p: (score(p), *(p[AXES[a]] for a in AXES)))
 
 
@@ -126,7 +126,8 @@ def rdb_storage(url: str, sweep, attempts: int = 5) -> optuna.storages.RDBStorag
                 heartbeat_interval=int(sweep.heartbeat_interval_s),
                 grace_period=int(sweep.grace_period_s),
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                    max_retry=int(sweep.max_retry)),
+                    max_retry=int(sweep.max_retry)
+                ),
                 engine_kwargs={"pool_pre_ping": True},
             )
         except IntegrityError:
@@ -152,13 +153,18 @@ def open_storage(url: str, sweep) -> optuna.storages.BaseStorage:
         return rdb_storage(url, sweep)
     except Exception as err:  # noqa: BLE001 - drivers raise their own kinds
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"sweep.storage={redact(url)}: cannot open the storage ({first})") from None
+        raise UserError(
+            f"sweep.storage={redact(url)}: cannot open the storage ({first})"
+        ) from None
 
 
 def describe_differences(stored: dict, current: dict) -> str:
     keys = sorted(set(stored) | set(current))
-    diffs = [f"{k}: stored {json.dumps(stored.get(k))}, now {json.dumps(current.get(k))}"
-             for k in keys if stored.get(k) != current.get(k)]
+    diffs = [
+        f"{k}: stored {json.dumps(stored.get(k))}, now {json.dumps(current.get(k))}"
+        for k in keys
+        if stored.get(k) != current.get(k)
+    ]
     return "; ".join(diffs)
 
 
@@ -166,8 +172,9 @@ def open_study(storage, url: str, name: str, settings: dict, space: dict):
     """Create the study, or continue it only if it was created with the same settings."""
     sampler = LightFirstGridSampler(space)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                    direction="maximize")
+        study = optuna.create_study(
+            storage=storage, study_name=name, sampler=sampler, direction="maximize"
+        )
         study.set_metric_names([settings["objective"]])
         study.set_user_attr("settings", settings)
         return study
@@ -256,7 +263,9 @@ def recover_dead_trials(study, max_retry: int) -> list[int]:
             continue
         # This host's dead sweeps are known at once: no need to wait for the grace period.
         if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-            RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, storage.get_trial(t._trial_id))
+            RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(
+                study, storage.get_trial(t._trial_id)
+            )
             recovered.append(t.number)
     return recovered
 
@@ -272,8 +281,11 @@ def dominating_trial(study, params: dict) -> FrozenTrial | None:
 
 def measured_grid_trials(study_) -> list[FrozenTrial]:
     """One finished trial per measured grid point (failed and surplus trials left out)."""
-    return [t for t in study_.get_trials(deepcopy=False, states=MEASURED)
-            if "grid_id" in t.system_attrs and not t.system_attrs.get(SURPLUS_ATTR)]
+    return [
+        t
+        for t in study_.get_trials(deepcopy=False, states=MEASURED)
+        if "grid_id" in t.system_attrs and not t.system_attrs.get(SURPLUS_ATTR)
+    ]
 
 
 def describe_params(params: dict) -> str:

@@ -32,11 +32,15 @@ def check_config(cfg: DictConfig) -> dict:
     if not 0 <= float(sweep.margin) < 1:
         raise UserError(f"sweep.margin={sweep.margin} is outside [0, 1)")
     if int(sweep.steps) <= int(sweep.warmup_steps):
-        raise UserError(f"sweep.steps={sweep.steps} must exceed sweep.warmup_steps={sweep.warmup_steps}")
+        raise UserError(
+            f"sweep.steps={sweep.steps} must exceed sweep.warmup_steps={sweep.warmup_steps}"
+        )
     if sweep.max_memory_gb is not None and float(sweep.max_memory_gb) <= 0:
         raise UserError(f"sweep.max_memory_gb={sweep.max_memory_gb} must be positive")
     if int(cfg.training.max_seq_length) < 2:
-        raise UserError(f"training.max_seq_length={cfg.training.max_seq_length} must be at least 2")
+        raise UserError(
+            f"training.max_seq_length={cfg.training.max_seq_length} must be at least 2"
+        )
     if sweep.data == "file":
         validate_data(cfg.data.train_file)
     return space
@@ -80,8 +84,10 @@ def trial_line(position: int, total: int, params: dict, attrs: dict) -> str:
     if attrs.get("dominated_by_params"):
         return f"{head} ✗ dominated by {attrs['dominated_by_params']}"
     if attrs.get("state") == "complete":
-        return (f"{head} ✓ {attrs['peak_memory_mb']:.0f} MB, {attrs['step_time_s']:.2f}s/step, "
-                f"{attrs['tokens_per_sec']:.0f} tok/s")
+        return (
+            f"{head} ✓ {attrs['peak_memory_mb']:.0f} MB, {attrs['step_time_s']:.2f}s/step, "
+            f"{attrs['tokens_per_sec']:.0f} tok/s"
+        )
     if attrs.get("memory_pruned"):
         return f"{head} ✗ pruned: {attrs['reason']}"
     return f"{head} ✗ failed: {attrs.get('reason')}"
@@ -102,9 +108,20 @@ def result_attrs(result: dict, params: dict, info: dict, limits: dict) -> dict:
     if "peak_bytes" in result:
         attrs["peak_memory_mb"] = round(result["peak_bytes"] / 1e6, 1)
         attrs["peak_memory_gb_with_margin"] = round(
-            result["peak_bytes"] * (1 + limits["margin"]) / 1e9, 4)
-    for key in ("step_time_s", "tokens_per_sec", "setup_s", "first_step_s", "total_s",
-                "loss_first", "loss_last", "trainable_params", "early_stopped", "reason"):
+            result["peak_bytes"] * (1 + limits["margin"]) / 1e9, 4
+        )
+    for key in (
+        "step_time_s",
+        "tokens_per_sec",
+        "setup_s",
+        "first_step_s",
+        "total_s",
+        "loss_first",
+        "loss_last",
+        "trainable_params",
+        "early_stopped",
+        "reason",
+    ):
         if key in result:
             value = result[key]
             attrs[key] = round(value, 4) if isinstance(value, float) else value
@@ -139,8 +156,15 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
     size = sampler.size
     max_retry = int(cfg.sweep.max_retry)
     ran = 0
-    bar = tqdm(total=size, initial=len(study.measured_grid_trials(st)), desc="sweep", unit="trial",
-               file=sys.stderr, dynamic_ncols=True, disable=None)
+    bar = tqdm(
+        total=size,
+        initial=len(study.measured_grid_trials(st)),
+        desc="sweep",
+        unit="trial",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None,
+    )
     waiting_said = False
     try:
         while True:
@@ -172,33 +196,46 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                 trial.set_user_attr("duplicate_of", holder)
                 st.tell(trial, state=TrialState.FAIL)
                 continue
-            st._storage.set_trial_system_attr(trial._trial_id, study.WORKER_ATTR,
-                                              study.worker_identity())
+            st._storage.set_trial_system_attr(
+                trial._trial_id, study.WORKER_ATTR, study.worker_identity()
+            )
             position = grid_id + 1
             dominator = study.dominating_trial(st, params)
             if dominator is not None:
-                attrs = {"state": "pruned", "memory_pruned": True, "score": study.score(params),
-                         "dominated_by": dominator.number,
-                         "dominated_by_params": study.describe_params(dominator.params),
-                         "reason": f"dominated by {study.describe_params(dominator.params)}",
-                         "steps_run": 0}
+                attrs = {
+                    "state": "pruned",
+                    "memory_pruned": True,
+                    "score": study.score(params),
+                    "dominated_by": dominator.number,
+                    "dominated_by_params": study.describe_params(dominator.params),
+                    "reason": f"dominated by {study.describe_params(dominator.params)}",
+                    "steps_run": 0,
+                }
                 for key, value in attrs.items():
                     trial.set_user_attr(key, value)
                 st.tell(trial, state=TrialState.PRUNED)
             else:
-                beat = Heartbeat(st._storage, trial._trial_id, float(cfg.sweep.heartbeat_interval_s))
+                beat = Heartbeat(
+                    st._storage, trial._trial_id, float(cfg.sweep.heartbeat_interval_s)
+                )
                 try:
                     result = worker.run(params, limits, lambda s: None, beat)
                 except BaseException:
                     # Interrupted: give the trial back so the next run measures it.
                     st._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-                    study.RetryHeartbeatStaleTrialCallback(max_retry)(st, st._storage.get_trial(trial._trial_id))
+                    study.RetryHeartbeatStaleTrialCallback(max_retry)(
+                        st, st._storage.get_trial(trial._trial_id)
+                    )
                     raise
                 attrs = result_attrs(result, params, worker.info or info, limits)
                 for key, value in attrs.items():
                     trial.set_user_attr(key, value)
                 if result["state"] == "complete":
-                    value = attrs["score"] if cfg.sweep.objective == "score" else attrs["tokens_per_sec"]
+                    value = (
+                        attrs["score"]
+                        if cfg.sweep.objective == "score"
+                        else attrs["tokens_per_sec"]
+                    )
                     st.tell(trial, value)
                 elif result["state"] == "pruned":
                     st.tell(trial, state=TrialState.PRUNED)
@@ -218,29 +255,48 @@ def summarize(st, out) -> dict:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     dominated = [t for t in trials if t.user_attrs.get("dominated_by_params")]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
-    ranked = sorted(complete, key=lambda t: (t.value, t.user_attrs.get("tokens_per_sec", 0)),
-                    reverse=True)
-    summary = {"tested": len(trials) - len(dominated), "passed": len(complete),
-               "pruned": len(pruned), "dominated": len(dominated),
-               "best": ranked[0] if ranked else None, "top": ranked[:5]}
-    print(f"\ntested {summary['tested']}, passed {summary['passed']}, pruned {summary['pruned']} "
-          f"({summary['dominated']} by dominance, without running)", file=out)
+    ranked = sorted(
+        complete, key=lambda t: (t.value, t.user_attrs.get("tokens_per_sec", 0)), reverse=True
+    )
+    summary = {
+        "tested": len(trials) - len(dominated),
+        "passed": len(complete),
+        "pruned": len(pruned),
+        "dominated": len(dominated),
+        "best": ranked[0] if ranked else None,
+        "top": ranked[:5],
+    }
+    print(
+        f"\ntested {summary['tested']}, passed {summary['passed']}, pruned {summary['pruned']} "
+        f"({summary['dominated']} by dominance, without running)",
+        file=out,
+    )
     if not ranked:
         print("no configuration fits within the memory limit", file=out)
         return summary
     best = ranked[0]
     a, p = best.user_attrs, best.params
-    print(f"optimal: batch_size={p['training.batch_size']}, rank={p['lora.rank']}, "
-          f"alpha={2 * p['lora.rank']}, layers={p['lora.num_layers']}, "
-          f"peak {a['peak_memory_mb']:.0f} MB ({a['peak_memory_gb_with_margin']:.2f} GB with margin), "
-          f"{a['step_time_s']:.2f}s/step, {a['tokens_per_sec']:.0f} tok/s", file=out)
-    print(f"\n{'#':>4} {'batch':>5} {'rank':>5} {'layers':>6} {'score':>7} {'peak MB':>9} "
-          f"{'s/step':>7} {'tok/s':>8}", file=out)
+    print(
+        f"optimal: batch_size={p['training.batch_size']}, rank={p['lora.rank']}, "
+        f"alpha={2 * p['lora.rank']}, layers={p['lora.num_layers']}, "
+        f"peak {a['peak_memory_mb']:.0f} MB "
+        f"({a['peak_memory_gb_with_margin']:.2f} GB with margin), "
+        f"{a['step_time_s']:.2f}s/step, {a['tokens_per_sec']:.0f} tok/s",
+        file=out,
+    )
+    print(
+        f"\n{'#':>4} {'batch':>5} {'rank':>5} {'layers':>6} {'score':>7} {'peak MB':>9} "
+        f"{'s/step':>7} {'tok/s':>8}",
+        file=out,
+    )
     for t in ranked[:5]:
         a, p = t.user_attrs, t.params
-        print(f"{t.number:>4} {p['training.batch_size']:>5} {p['lora.rank']:>5} "
-              f"{p['lora.num_layers']:>6} {a['score']:>7} {a['peak_memory_mb']:>9.0f} "
-              f"{a['step_time_s']:>7.2f} {a['tokens_per_sec']:>8.0f}", file=out)
+        print(
+            f"{t.number:>4} {p['training.batch_size']:>5} {p['lora.rank']:>5} "
+            f"{p['lora.num_layers']:>6} {a['score']:>7} {a['peak_memory_mb']:>9.0f} "
+            f"{a['step_time_s']:>7.2f} {a['tokens_per_sec']:>8.0f}",
+            file=out,
+        )
     return summary
 
 
@@ -258,28 +314,39 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     try:
         layers = max(space[study.AXES["num_layers"]])
         if layers > info["num_layers"]:
-            raise UserError(f"sweep.grid.num_layers: {layers} is more than the model's "
-                            f"{info['num_layers']} layers")
+            raise UserError(
+                f"sweep.grid.num_layers: {layers} is more than the model's "
+                f"{info['num_layers']} layers"
+            )
         max_gb = cfg.sweep.max_memory_gb
         max_gb = float(max_gb) if max_gb is not None else 0.8 * info["memory_bytes"] / 1e9
         max_gb = round(max_gb, 4)  # the limit the study stores is the one trials are held to
         margin = float(cfg.sweep.margin)
         floor = (info["weight_bytes"] + info["baseline_bytes"]) * (1 + margin) / 1e9
         if floor > max_gb:
-            raise UserError(f"sweep.max_memory_gb={max_gb:g} is below what the model's own weights "
-                            f"need ({floor:.3f} GB with the {margin:.0%} margin)")
+            raise UserError(
+                f"sweep.max_memory_gb={max_gb:g} is below what the model's own weights "
+                f"need ({floor:.3f} GB with the {margin:.0%} margin)"
+            )
         name = study_name(cfg)
         settings = study_settings(cfg, space, info, max_gb)
         st = study.open_study(storage, url, name, settings, space)
         st.set_user_attr("device", {k: info[k] for k in ("backend", "name", "memory_gb", "id")})
         size = st.sampler.size
-        print(f"your_ai sweep | model {cfg.model.name} ({info['num_layers']} layers, "
-              f"{info['weight_bytes'] / 1e6:.1f} MB weights) | max memory {max_gb:.2f} GB "
-              f"(margin {margin:.0%}) | mode {cfg.sweep.mode}, {size} configurations | "
-              f"device {info['backend']}: {info['name']}, {info['memory_gb']} GB, BLAS {info['blas']} | "
-              f"study {name} in {study.redact(url)}", file=out)
-        limits = {"max_bytes": max_gb * 1e9, "margin": margin,
-                  "baseline_bytes": int(info["baseline_bytes"])}
+        print(
+            f"your_ai sweep | model {cfg.model.name} ({info['num_layers']} layers, "
+            f"{info['weight_bytes'] / 1e6:.1f} MB weights) | max memory {max_gb:.2f} GB "
+            f"(margin {margin:.0%}) | mode {cfg.sweep.mode}, {size} configurations | "
+            f"device {info['backend']}: {info['name']}, {info['memory_gb']} GB, "
+            f"BLAS {info['blas']} | "
+            f"study {name} in {study.redact(url)}",
+            file=out,
+        )
+        limits = {
+            "max_bytes": max_gb * 1e9,
+            "margin": margin,
+            "baseline_bytes": int(info["baseline_bytes"]),
+        }
         started = time.monotonic()
         ran = run_trials(cfg, st, worker, info, limits, out)
     finally:

@@ -23,8 +23,10 @@ def profile_warning(cfg: DictConfig, hardware_id: str) -> str | None:
     if not measured:
         return None
     if measured.model != cfg.model.name or measured.hardware != hardware_id:
-        return (f"warning: profile measured for model {measured.model} on {measured.hardware}; "
-                f"this run is model {cfg.model.name} on {hardware_id}")
+        return (
+            f"warning: profile measured for model {measured.model} on {measured.hardware}; "
+            f"this run is model {cfg.model.name} on {hardware_id}"
+        )
     return None
 
 
@@ -37,8 +39,10 @@ def apply_sweep_winner(cfg: DictConfig) -> DictConfig:
     summary = sweep.run(cfg)
     best = summary["best"]
     if best is None:
-        raise UserError("auto_optimize: no configuration of the sweep fits within the memory "
-                        "limit (sweep.max_memory_gb); nothing to train")
+        raise UserError(
+            "auto_optimize: no configuration of the sweep fits within the memory "
+            "limit (sweep.max_memory_gb); nothing to train"
+        )
     with open_dict(cfg):
         cfg.training.batch_size = best.params["training.batch_size"]
         cfg.lora.rank = best.params["lora.rank"]
@@ -90,8 +94,9 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     model = loaded.model
     lora_params = step.lora_parameters(cfg.lora)
     mx.random.seed(int(cfg.seed))  # the same LoRA initialisation on every run of this config
-    trainable = step.apply_lora(model, int(cfg.lora.num_layers), lora_params,
-                                bool(training.grad_checkpoint))
+    trainable = step.apply_lora(
+        model, int(cfg.lora.num_layers), lora_params, bool(training.grad_checkpoint)
+    )
     max_steps = int(training.max_steps)
     optimizer = step.make_optimizer(training, max_steps)
     checkpoints = output_dir / "checkpoints"
@@ -104,18 +109,33 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
         state = checkpoint.restore(latest, model, optimizer)
         first_step, position = state["step"] + 1, state["position"]
     adapters = adapter_config(cfg, lora_params)
-    print(f"your_ai train | model {cfg.model.name} | {examples} examples in {cfg.data.train_file} | "
-          f"batch {training.batch_size}, rank {lora_params['rank']}, layers {cfg.lora.num_layers}, "
-          f"seq {training.max_seq_length} | {trainable} trainable parameters | distrust "
-          f"{cfg.distrust.mode} | device {hardware['backend']}: {hardware['name']}, BLAS "
-          f"{blas.active_blas()} | output {output_dir}", file=out)
-    batches = data.iterate_batches(cfg.data.train_file, loaded.tokenizer, int(training.batch_size),
-                                   int(training.max_seq_length), start=position)
+    print(
+        f"your_ai train | model {cfg.model.name} | {examples} examples in {cfg.data.train_file} | "
+        f"batch {training.batch_size}, rank {lora_params['rank']}, layers {cfg.lora.num_layers}, "
+        f"seq {training.max_seq_length} | {trainable} trainable parameters | distrust "
+        f"{cfg.distrust.mode} | device {hardware['backend']}: {hardware['name']}, BLAS "
+        f"{blas.active_blas()} | output {output_dir}",
+        file=out,
+    )
+    batches = data.iterate_batches(
+        cfg.data.train_file,
+        loaded.tokenizer,
+        int(training.batch_size),
+        int(training.max_seq_length),
+        start=position,
+    )
     metrics_file = output_dir / "metrics.jsonl"
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {}
-    bar = tqdm(total=max_steps, initial=first_step - 1, desc="train", unit="step",
-               file=sys.stderr, dynamic_ncols=True, disable=None)
+    bar = tqdm(
+        total=max_steps,
+        initial=first_step - 1,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None,
+    )
     with metrics_file.open("a") as log:
         for index in range(first_step, max_steps + 1):
             batch = next(batches)
@@ -138,23 +158,35 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
             }
             log.write(json.dumps(metrics) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.2e}",
-                            tok_s=f"{metrics['tokens_per_sec']:.0f}",
-                            mem=f"{metrics['peak_memory_gb']:.2f}GB")
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                lr=f"{metrics['learning_rate']:.2e}",
+                tok_s=f"{metrics['tokens_per_sec']:.0f}",
+                mem=f"{metrics['peak_memory_gb']:.2f}GB",
+            )
             if index % int(training.log_every) == 0:
                 log.flush()
-                tqdm.write(f"step {index}: loss {metrics['loss']:.4f}, "
-                           f"ce {metrics['cross_entropy']:.4f}, lr {metrics['learning_rate']:.2e}, "
-                           f"{metrics['tokens_per_sec']:.0f} tok/s, "
-                           f"peak {metrics['peak_memory_gb']:.3f} GB", file=out)
+                tqdm.write(
+                    f"step {index}: loss {metrics['loss']:.4f}, "
+                    f"ce {metrics['cross_entropy']:.4f}, lr {metrics['learning_rate']:.2e}, "
+                    f"{metrics['tokens_per_sec']:.0f} tok/s, "
+                    f"peak {metrics['peak_memory_gb']:.3f} GB",
+                    file=out,
+                )
             if index % int(training.save_every) == 0 or index == max_steps:
                 checkpoint.save_adapters(model, output_dir / "adapters", adapters)
-                checkpoint.save(checkpoints, index, model, optimizer, adapters,
-                                {"position": batch.position})
+                checkpoint.save(
+                    checkpoints, index, model, optimizer, adapters, {"position": batch.position}
+                )
     bar.close()
     print(f"adapters: {output_dir / 'adapters'}", file=out)
-    return {"metrics": metrics, "adapters": output_dir / "adapters", "output_dir": output_dir,
-            "model": model, "tokenizer": loaded.tokenizer}
+    return {
+        "metrics": metrics,
+        "adapters": output_dir / "adapters",
+        "output_dir": output_dir,
+        "model": model,
+        "tokenizer": loaded.tokenizer,
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -24,7 +24,9 @@ class Limits:
 
 def trial_config(cfg: DictConfig, params: dict) -> DictConfig:
     """The run config of one grid point: the trial's dotted parameters override the base."""
-    trial_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in params.items()]))
+    trial_cfg = OmegaConf.merge(
+        cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in params.items()])
+    )
     trial_cfg.lora.alpha = None  # alpha follows the rank (2 x rank) in a sweep
     return trial_cfg
 
@@ -95,14 +97,26 @@ def measure(
             if index >= warmup:
                 times.append(elapsed)
             result["steps_run"] = index + 1
-            on_step({"step": index + 1, "seconds": elapsed, "peak_bytes": peak,
-                     "adjusted_bytes": adjusted, "loss": losses[-1]})
+            on_step(
+                {
+                    "step": index + 1,
+                    "seconds": elapsed,
+                    "peak_bytes": peak,
+                    "adjusted_bytes": adjusted,
+                    "loss": losses[-1],
+                }
+            )
             if adjusted > limits.max_bytes:
-                result.update(state="pruned", memory=True, peak_bytes=peak,
-                              reason=f"{adjusted / 1e9:.4g} GB > {limits.max_bytes / 1e9:.4g} GB")
+                result.update(
+                    state="pruned",
+                    memory=True,
+                    peak_bytes=peak,
+                    reason=f"{adjusted / 1e9:.4g} GB > {limits.max_bytes / 1e9:.4g} GB",
+                )
                 return result
-            if sweep.early_stop and stable(times, peaks, int(sweep.stable_steps),
-                                           float(sweep.stable_tolerance)):
+            if sweep.early_stop and stable(
+                times, peaks, int(sweep.stable_steps), float(sweep.stable_tolerance)
+            ):
                 result["early_stopped"] = True
                 break
         median = statistics.median(times) if times else elapsed
@@ -122,8 +136,9 @@ def measure(
             raise
         peak = mx.get_peak_memory() + limits.baseline_bytes
         first_line = str(err).strip().splitlines()[0][:200]
-        result.update(state="pruned", memory=True, peak_bytes=peak,
-                      reason=f"out of memory: {first_line}")
+        result.update(
+            state="pruned", memory=True, peak_bytes=peak, reason=f"out of memory: {first_line}"
+        )
         return result
     finally:
         step.remove_lora(model)

@@ -49,8 +49,9 @@ def worker_main(conn, cfg_container: dict) -> None:
             return
         params, limits = message
         try:
-            result = trial.measure(loaded, cfg, params, trial.Limits(**limits),
-                                   lambda s: conn.send(("step", s)))
+            result = trial.measure(
+                loaded, cfg, params, trial.Limits(**limits), lambda s: conn.send(("step", s))
+            )
             conn.send(("result", result))
         except UserError as err:
             conn.send(("user_error", str(err)))
@@ -136,8 +137,13 @@ class Worker:
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
 
-    def run(self, params: dict, limits: dict, on_step: Callable[[dict], None],
-            heartbeat: Callable[[], None]) -> dict:
+    def run(
+        self,
+        params: dict,
+        limits: dict,
+        on_step: Callable[[dict], None],
+        heartbeat: Callable[[], None],
+    ) -> dict:
         """Run one trial; a dead or hung worker becomes a pruned result and is restarted later."""
         if not self.alive:
             self.start()
@@ -160,8 +166,10 @@ class Worker:
                     info = payload[0]
                     last_peak = info["peak_bytes"]
                     times.append(info["seconds"])
-                    wait = max(float(sweep.min_step_timeout_s),
-                               float(sweep.step_timeout_factor) * statistics.median(times))
+                    wait = max(
+                        float(sweep.min_step_timeout_s),
+                        float(sweep.step_timeout_factor) * statistics.median(times),
+                    )
                     deadline = time.monotonic() + wait
                     on_step(info)
                     continue
@@ -173,13 +181,22 @@ class Worker:
             if not self.process.is_alive():
                 how = describe_exit(self.process.exitcode)
                 self.stop()
-                return {"state": "pruned", "memory": True, "peak_bytes": last_peak,
-                        "steps_run": len(times), "reason": f"worker process died ({how})"}
+                return {
+                    "state": "pruned",
+                    "memory": True,
+                    "peak_bytes": last_peak,
+                    "steps_run": len(times),
+                    "reason": f"worker process died ({how})",
+                }
             if time.monotonic() > deadline:
                 self.stop()
-                return {"state": "pruned", "memory": True, "peak_bytes": last_peak,
-                        "steps_run": len(times),
-                        "reason": "timed out (no step finished in time; killed)"}
+                return {
+                    "state": "pruned",
+                    "memory": True,
+                    "peak_bytes": last_peak,
+                    "steps_run": len(times),
+                    "reason": "timed out (no step finished in time; killed)",
+                }
 
     def stop(self) -> None:
         if self.process is None:
