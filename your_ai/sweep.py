@@ -103,7 +103,8 @@ def result_attrs(result: dict, params: dict, info: dict, limits: dict) -> dict:
         "hardware": info["id"],
         "blas": info.get("blas"),
         "baseline_mb": round(limits["baseline_bytes"] / 1e6, 1),
-        "max_memory_gb": round(limits["max_bytes"] / 1e9, 3),
+        "max_memory_gb": round(limits["max_bytes"] / 1e9, 4),
+        "worker_load_s": round(info.get("load_s", 0.0), 3),
     }
     if "peak_bytes" in result:
         attrs["peak_memory_mb"] = round(result["peak_bytes"] / 1e6, 1)

@@ -1,0 +1,79 @@
+"""The reference we compare the sweep against: every configuration run in turn, each in a fresh
+process that loads the model afresh and runs a plain MLX LoRA loop (mlx-lm's LoRA layers,
+value_and_grad, AdamW) for a fixed number of steps; the winner is the largest configuration whose
+margin-adjusted peak fits the limit.
+
+    python benchmarks/exhaustive.py --one '{"batch_size": 4, "rank": 64, "num_layers": 16}' ...
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one(config: dict, model_path: str, seq: int, steps: int) -> dict:
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = load(model_path)
+    model.freeze()
+    linear_to_lora_layers(model, config["num_layers"], {
+        "rank": config["rank"], "scale": 2.0, "dropout": 0.0,
+        "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]})
+    optimizer = optim.AdamW(learning_rate=1e-4)
+
+    def loss(m, tokens):
+        logits = m(tokens[:, :-1])
+        return nn.losses.cross_entropy(logits, tokens[:, 1:]).mean()
+
+    loss_and_grad = nn.value_and_grad(model, loss)
+    tokens = mx.random.randint(0, 256, (config["batch_size"], seq))
+    mx.reset_peak_memory()
+    times = []
+    for _ in range(steps):
+        tick = time.perf_counter()
+        value, grads = loss_and_grad(model, tokens)
+        optimizer.update(model, grads)
+        mx.eval(value, model.parameters(), optimizer.state)
+        times.append(time.perf_counter() - tick)
+    return {"peak_mb": mx.get_peak_memory() / 1e6, "step_s": statistics.median(times[2:])}
+
+
+def run(grid: dict, model_path: str, seq: int, steps: int, env: dict) -> list[dict]:
+    results = []
+    for batch, rank, layers in product(grid["batch_size"], grid["rank"], grid["num_layers"]):
+        config = {"batch_size": batch, "rank": rank, "num_layers": layers}
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(config), "--model", model_path,
+             "--seq", str(seq), "--steps", str(steps)],
+            capture_output=True, text=True, env=env, check=True)
+        results.append({**config, **json.loads(out.stdout.strip().splitlines()[-1])})
+    return results
+
+
+def winner(results: list[dict], limit_gb: float | None, margin: float) -> dict | None:
+    fits = [r for r in results
+            if limit_gb is None or r["peak_mb"] * (1 + margin) / 1e3 <= limit_gb]
+    if not fits:
+        return None
+    return max(fits, key=lambda r: r["batch_size"] * r["rank"] * r["num_layers"])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--one", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=15)
+    args = parser.parse_args()
+    print(json.dumps(one(json.loads(args.one), args.model, args.seq, args.steps)))

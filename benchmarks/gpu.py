@@ -1,0 +1,177 @@
+"""NVIDIA GPU: the sweep on an 8B Llama-shaped model built from its architecture (bf16, random
+weights) with MLX's CUDA build, and the training step's model-FLOPs utilisation.
+
+    python benchmarks/gpu.py --out DIR [--parts matmul,mfu,quick,full,truth]
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import record, table  # noqa: E402
+
+MODEL = ["model=llama-3.1-8b", "model.random_weights=true", "training.max_seq_length=1024"]
+N_PARAMS = 8.03e9
+LAYERS = 32
+
+
+def matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
+    import mlx.core as mx
+
+    a = mx.random.normal((size, size)).astype(mx.bfloat16)
+    b = mx.random.normal((size, size)).astype(mx.bfloat16)
+    mx.eval(a, b)
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - tick)
+    return 2 * size**3 / statistics.median(times[3:]) / 1e12
+
+
+def step_flops(batch: int, layers: int, seq: int, checkpoint: bool) -> float:
+    tokens = batch * seq
+    backward = 2 * N_PARAMS * (layers / LAYERS) * tokens
+    recompute = backward if checkpoint else 0.0
+    return 2 * N_PARAMS * tokens + backward + recompute
+
+
+def mfu(out: Path, peak_tflops: float, checkpoint: bool) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    import your_ai
+    from your_ai import models, trial
+
+    with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*MODEL, "sweep.steps=12", "sweep.warmup_steps=3",
+                                           "sweep.early_stop=false",
+                                           f"training.grad_checkpoint={checkpoint}"])
+    tick = time.perf_counter()
+    loaded = models.load(cfg.model, cfg.paths.models)
+    load_s = time.perf_counter() - tick
+    params = {"training.batch_size": 4, "lora.rank": 128, "lora.num_layers": 24}
+    result = trial.measure(loaded, cfg, params, trial.Limits(1e15, 0.15, 0))
+    flops = step_flops(4, 24, 1024, checkpoint)
+    achieved = flops / result["step_time_s"] / 1e12
+    return {"checkpoint": checkpoint, "step_s": result["step_time_s"], "tflops": achieved,
+            "mfu": achieved / peak_tflops, "peak_gb": result["peak_bytes"] / 1e9,
+            "first_step_s": result["first_step_s"], "load_s": load_s}
+
+
+def sweep(out: Path, mode: str, checkpoint: bool) -> dict:
+    name = f"gpu-{mode}-{'ckpt' if checkpoint else 'plain'}"
+    log = out / f"{name}.log"
+    tick = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "your_ai.sweep", *MODEL, f"mode={mode}",
+             "sweep.max_memory_gb=28", f"training.grad_checkpoint={checkpoint}",
+             f"sweep.storage=sqlite:///{out}/optuna.db", f"sweep.study_name={name}",
+             f"paths.sweeps={out}/sweeps", f"paths.profiles={out}/profiles", "sweep.report=false"],
+            cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - tick
+    text = log.read_text()
+    summary = re.search(r"tested (\d+), passed (\d+), pruned (\d+) \((\d+) by dominance", text)
+    optimal = re.search(r"optimal: (.*)", text)
+    return {"name": name, "wall_s": wall, "rc": proc.returncode,
+            "tested": summary and summary.group(1), "passed": summary and summary.group(2),
+            "pruned": summary and summary.group(3), "dominated": summary and summary.group(4),
+            "winner": optimal.group(1) if optimal else "none fits"}
+
+
+def truth(out: Path, winner: dict) -> dict:
+    """Train the winner 200 steps on full-length real text; compare with the sweep's peak."""
+    sample = [json.loads(line) for line in (ROOT / "data" / "sample.jsonl").open()]
+    long_file = out / "long.jsonl"
+    with long_file.open("w") as f:
+        for i in range(0, len(sample) - 8, 8):
+            text = " ".join(s["text"] for s in sample[i:i + 8])
+            f.write(json.dumps({**sample[i], "text": text}) + "\n")
+    run_dir = out / "truth"
+    subprocess.run([sys.executable, "-m", "your_ai.train", *MODEL, f"hydra.run.dir={run_dir}",
+                    f"data.train_file={long_file}", "training.max_steps=200",
+                    "training.save_every=1000", *winner["overrides"]],
+                   cwd=ROOT, check=True, stdout=(out / "truth.log").open("w"),
+                   stderr=subprocess.STDOUT)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return {"steps": len(rows), "peak_gb": max(r["peak_memory_gb"] for r in rows),
+            "min_tokens": min(r["tokens"] for r in rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", default="matmul,mfu,quick")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    results: dict = {}
+    import mlx.core as mx
+
+    device = mx.device_info().get("device_name", "?")
+    results["device"] = device
+    if "matmul" in parts or "mfu" in parts:
+        results["matmul_tflops"] = matmul_tflops()
+        print("matmul", results["matmul_tflops"], flush=True)
+    if "mfu" in parts:
+        results["mfu"] = [mfu(out, results["matmul_tflops"], c) for c in (False, True)]
+        print(results["mfu"], flush=True)
+    for mode in ("quick", "full"):
+        if mode in parts:
+            results[mode] = [sweep(out, mode, c) for c in (False, True)]
+            print(results[mode], flush=True)
+    if "truth" in parts:
+        import optuna
+
+        for name in ("gpu-quick-ckpt", "gpu-full-ckpt"):
+            try:
+                st = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/optuna.db")
+            except KeyError:
+                continue
+            done = [t for t in st.trials if t.state.name == "COMPLETE"]
+            if not done:
+                continue
+            best = max(done, key=lambda t: t.value)
+            overrides = [f"{k}={v}" for k, v in best.params.items()] + [
+                "training.grad_checkpoint=true"]
+            res = truth(out, {"overrides": overrides})
+            res.update(study=name, params=best.params,
+                       reported_gb=best.user_attrs["peak_memory_mb"] / 1e3)
+            results.setdefault("truth", []).append(res)
+            print(res, flush=True)
+            break
+    (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
+    rows = []
+    for mode in ("quick", "full"):
+        for r in results.get(mode, []):
+            rows.append([r["name"], f"{r['wall_s']:.0f}", r["tested"], r["passed"], r["pruned"],
+                         r["dominated"], r["winner"]])
+    body = f"card: {device}\n\n"
+    if "matmul_tflops" in results:
+        body += f"- bf16 matmul 8192^3: {results['matmul_tflops']:.0f} TFLOP/s\n"
+    for m in results.get("mfu", []):
+        body += (f"- batch 4, rank 128, layers 24, seq 1024, checkpointing {m['checkpoint']}: "
+                 f"{m['step_s']:.3f} s/step, {m['tflops']:.0f} TFLOP/s, MFU {m['mfu']:.1%}, "
+                 f"peak {m['peak_gb']:.1f} GB, first step {m['first_step_s']:.1f} s\n")
+    if rows:
+        body += "\n" + table(["sweep", "wall s", "tested", "passed", "pruned", "dominated",
+                              "winner"], rows) + "\n"
+    for t in results.get("truth", []):
+        body += (f"\n- memory truth ({t['study']} winner {t['params']}): {t['steps']} steps, "
+                 f"peak {t['peak_gb']:.2f} GB vs {t['reported_gb']:.2f} GB reported "
+                 f"({t['peak_gb'] / t['reported_gb'] - 1:+.2%})\n")
+    record("NVIDIA GPU", "python benchmarks/gpu.py --parts " + args.parts, body,
+           where=out / "BENCHMARKS-gpu.md", machine_line=f"{device} (MLX CUDA)")
+
+
+if __name__ == "__main__":
+    main()
