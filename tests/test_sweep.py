@@ -158,7 +158,8 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):
         assert all(dominator.params[n] <= t.params[n] for n in t.params)
     for key in pruned - dominated:
         t = by_point[key]
-        assert t.user_attrs["memory_pruned"] and t.user_attrs["peak_memory_mb"] > limit_mb
+        # Stopped at the first step over the limit; attributes are rounded to 0.1 MB.
+        assert t.user_attrs["memory_pruned"] and t.user_attrs["peak_memory_mb"] >= limit_mb - 0.1
         assert re.fullmatch(r"[\d.]+ GB > [\d.]+ GB", t.user_attrs["reason"])
     feasible = [dict(k) for k in peaks if k not in expected_pruned]
     best = summary["best"]
@@ -270,17 +271,18 @@ def test_trials_in_one_worker_leave_no_residue(tmp_path):
         [
             *isolated(tmp_path),
             f"paths.models={tmp_path}/models",
-            "sweep.steps=8",
+            "sweep.steps=6",
             "sweep.warmup_steps=2",
             "sweep.early_stop=false",
             "training.grad_checkpoint=true",
+            "training.max_seq_length=64",
         ]
     )
     loaded = models.load(cfg.model, cfg.paths.models)
     limits = trial.Limits(max_bytes=1e12, margin=0.15, baseline_bytes=0)
     probe = {"training.batch_size": 4, "lora.rank": 64, "lora.num_layers": 16}
     first = trial.measure(loaded, cfg, probe, limits)
-    for batch, rank, layers in ((8, 128, 24), (2, 64, 32), (8, 64, 8), (4, 128, 24)):
+    for batch, rank, layers in ((8, 128, 24), (2, 64, 32), (8, 64, 8)):
         trial.measure(
             loaded,
             cfg,
