@@ -110,7 +110,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="matmul,mfu,quick")
+    parser.add_argument("--model", default=" ".join(MODEL), help="model overrides")
+    parser.add_argument("--size", type=int, default=8192, help="matmul size")
+    parser.add_argument("--extra", default="", help="more sweep overrides")
     args = parser.parse_args()
+    MODEL[:] = args.model.split() + args.extra.split()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
@@ -120,7 +124,7 @@ def main() -> None:
     device = mx.device_info().get("device_name", "?")
     results["device"] = device
     if "matmul" in parts or "mfu" in parts:
-        results["matmul_tflops"] = matmul_tflops()
+        results["matmul_tflops"] = matmul_tflops(args.size)
         print("matmul", results["matmul_tflops"], flush=True)
     if "mfu" in parts:
         results["mfu"] = [mfu(out, results["matmul_tflops"], c) for c in (False, True)]
@@ -145,7 +149,7 @@ def main() -> None:
                 "training.grad_checkpoint=true"]
             res = truth(out, {"overrides": overrides})
             res.update(study=name, params=best.params,
-                       reported_gb=best.user_attrs["peak_memory_mb"] / 1e3)
+                       reported_gb=best.user_attrs["mlx_peak_mb"] / 1e3)
             results.setdefault("truth", []).append(res)
             print(res, flush=True)
             break
