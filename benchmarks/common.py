@@ -18,24 +18,34 @@ def machine() -> str:
     from your_ai import blas, device
 
     info = device.describe()
-    return (f"{platform.node()}: {info['backend']} {info['name']}, {psutil.cpu_count()} cores, "
-            f"{info['memory_gb']} GB, mlx {mx.__version__}, BLAS {blas.active_blas()}")
+    return (
+        f"{platform.node()}: {info['backend']} {info['name']}, {psutil.cpu_count()} cores, "
+        f"{info['memory_gb']} GB, mlx {mx.__version__}, BLAS {blas.active_blas()}"
+    )
 
 
 def table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *(line(r) for r in cells)])
+    return "\n".join(
+        [
+            line(headers),
+            "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *(line(r) for r in cells),
+        ]
+    )
 
 
-def record(title: str, command: str, body: str, where: Path | None = None,
-           machine_line: str | None = None) -> None:
+def record(
+    title: str, command: str, body: str, where: Path | None = None, machine_line: str | None = None
+) -> None:
     """Print the result and append it to BENCHMARKS.md (or `where`)."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = (f"\n## {title}\n\n- date: {stamp}\n- machine: {machine_line or machine()}\n"
-            f"- command: `{command}`\n\n{body}\n")
+    text = (
+        f"\n## {title}\n\n- date: {stamp}\n- machine: {machine_line or machine()}\n"
+        f"- command: `{command}`\n\n{body}\n"
+    )
     print(text)
     target = where or BENCHMARKS_MD
     with target.open("a") as f:
@@ -48,7 +58,8 @@ def command_line() -> str:
 
 def git_revision() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       text=True).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -27,9 +27,21 @@ def one(config: dict, model_path: str, seq: int, steps: int) -> dict:
 
     model, _ = load(model_path)
     model.freeze()
-    linear_to_lora_layers(model, config["num_layers"], {
-        "rank": config["rank"], "scale": 2.0, "dropout": 0.0,
-        "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]})
+    linear_to_lora_layers(
+        model,
+        config["num_layers"],
+        {
+            "rank": config["rank"],
+            "scale": 2.0,
+            "dropout": 0.0,
+            "keys": [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+            ],
+        },
+    )
     optimizer = optim.AdamW(learning_rate=1e-4)
 
     def loss(m, tokens):
@@ -54,16 +66,31 @@ def run(grid: dict, model_path: str, seq: int, steps: int, env: dict) -> list[di
     for batch, rank, layers in product(grid["batch_size"], grid["rank"], grid["num_layers"]):
         config = {"batch_size": batch, "rank": rank, "num_layers": layers}
         out = subprocess.run(
-            [sys.executable, __file__, "--one", json.dumps(config), "--model", model_path,
-             "--seq", str(seq), "--steps", str(steps)],
-            capture_output=True, text=True, env=env, check=True)
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                json.dumps(config),
+                "--model",
+                model_path,
+                "--seq",
+                str(seq),
+                "--steps",
+                str(steps),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         results.append({**config, **json.loads(out.stdout.strip().splitlines()[-1])})
     return results
 
 
 def winner(results: list[dict], limit_gb: float | None, margin: float) -> dict | None:
-    fits = [r for r in results
-            if limit_gb is None or r["peak_mb"] * (1 + margin) / 1e3 <= limit_gb]
+    fits = [
+        r for r in results if limit_gb is None or r["peak_mb"] * (1 + margin) / 1e3 <= limit_gb
+    ]
     if not fits:
         return None
     return max(fits, key=lambda r: r["batch_size"] * r["rank"] * r["num_layers"])

@@ -51,9 +51,16 @@ def mfu(out: Path, peak_tflops: float, checkpoint: bool) -> dict:
     from your_ai import models, trial
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*MODEL, "sweep.steps=12", "sweep.warmup_steps=3",
-                                           "sweep.early_stop=false",
-                                           f"training.grad_checkpoint={checkpoint}"])
+        cfg = compose(
+            "config",
+            overrides=[
+                *MODEL,
+                "sweep.steps=12",
+                "sweep.warmup_steps=3",
+                "sweep.early_stop=false",
+                f"training.grad_checkpoint={checkpoint}",
+            ],
+        )
     tick = time.perf_counter()
     loaded = models.load(cfg.model, cfg.paths.models)
     load_s = time.perf_counter() - tick
@@ -61,30 +68,59 @@ def mfu(out: Path, peak_tflops: float, checkpoint: bool) -> dict:
     result = trial.measure(loaded, cfg, params, trial.Limits(1e15, 0.15, 0))
     flops = step_flops(4, 24, 1024, checkpoint)
     achieved = flops / result["step_time_s"] / 1e12
-    return {"checkpoint": checkpoint, "step_s": result["step_time_s"], "tflops": achieved,
-            "mfu": achieved / peak_tflops, "peak_gb": result["peak_bytes"] / 1e9,
-            "first_step_s": result["first_step_s"], "load_s": load_s}
+    return {
+        "checkpoint": checkpoint,
+        "step_s": result["step_time_s"],
+        "tflops": achieved,
+        "mfu": achieved / peak_tflops,
+        "peak_gb": result["peak_bytes"] / 1e9,
+        "first_step_s": result["first_step_s"],
+        "load_s": load_s,
+    }
 
 
-def sweep(out: Path, mode: str, checkpoint: bool) -> dict:
-    name = f"gpu-{mode}-{'ckpt' if checkpoint else 'plain'}"
+def sweep(out: Path, spec: str) -> dict:
+    """spec: <mode>-<plain|ckpt>[-nodom], e.g. quick-ckpt-nodom."""
+    mode, kind, *rest = spec.split("-")
+    checkpoint = kind == "ckpt"
+    name = f"gpu-{spec}"
     log = out / f"{name}.log"
     tick = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.run(
-            [sys.executable, "-m", "your_ai.sweep", *MODEL, f"mode={mode}",
-             "sweep.max_memory_gb=28", f"training.grad_checkpoint={checkpoint}",
-             f"sweep.storage=sqlite:///{out}/optuna.db", f"sweep.study_name={name}",
-             f"paths.sweeps={out}/sweeps", f"paths.profiles={out}/profiles", "sweep.report=false"],
-            cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "your_ai.sweep",
+                *MODEL,
+                f"mode={mode}",
+                "sweep.max_memory_gb=28",
+                f"training.grad_checkpoint={checkpoint}",
+                f"sweep.dominance={'nodom' not in rest}",
+                f"sweep.storage=sqlite:///{out}/optuna.db",
+                f"sweep.study_name={name}",
+                f"paths.sweeps={out}/sweeps",
+                f"paths.profiles={out}/profiles",
+                "sweep.report=false",
+            ],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     wall = time.perf_counter() - tick
     text = log.read_text()
     summary = re.search(r"tested (\d+), passed (\d+), pruned (\d+) \((\d+) by dominance", text)
     optimal = re.search(r"optimal: (.*)", text)
-    return {"name": name, "wall_s": wall, "rc": proc.returncode,
-            "tested": summary and summary.group(1), "passed": summary and summary.group(2),
-            "pruned": summary and summary.group(3), "dominated": summary and summary.group(4),
-            "winner": optimal.group(1) if optimal else "none fits"}
+    return {
+        "name": name,
+        "wall_s": wall,
+        "rc": proc.returncode,
+        "tested": summary and summary.group(1),
+        "passed": summary and summary.group(2),
+        "pruned": summary and summary.group(3),
+        "dominated": summary and summary.group(4),
+        "winner": optimal.group(1) if optimal else "none fits",
+    }
 
 
 def truth(out: Path, winner: dict) -> dict:
@@ -93,17 +129,32 @@ def truth(out: Path, winner: dict) -> dict:
     long_file = out / "long.jsonl"
     with long_file.open("w") as f:
         for i in range(0, len(sample) - 8, 8):
-            text = " ".join(s["text"] for s in sample[i:i + 8])
+            text = " ".join(s["text"] for s in sample[i : i + 8])
             f.write(json.dumps({**sample[i], "text": text}) + "\n")
     run_dir = out / "truth"
-    subprocess.run([sys.executable, "-m", "your_ai.train", *MODEL, f"hydra.run.dir={run_dir}",
-                    f"data.train_file={long_file}", "training.max_steps=200",
-                    "training.save_every=1000", *winner["overrides"]],
-                   cwd=ROOT, check=True, stdout=(out / "truth.log").open("w"),
-                   stderr=subprocess.STDOUT)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "your_ai.train",
+            *MODEL,
+            f"hydra.run.dir={run_dir}",
+            f"data.train_file={long_file}",
+            "training.max_steps=200",
+            "training.save_every=1000",
+            *winner["overrides"],
+        ],
+        cwd=ROOT,
+        check=True,
+        stdout=(out / "truth.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    return {"steps": len(rows), "peak_gb": max(r["peak_memory_gb"] for r in rows),
-            "min_tokens": min(r["tokens"] for r in rows)}
+    return {
+        "steps": len(rows),
+        "peak_gb": max(r["peak_memory_gb"] for r in rows),
+        "min_tokens": min(r["tokens"] for r in rows),
+    }
 
 
 def main() -> None:
@@ -129,14 +180,14 @@ def main() -> None:
     if "mfu" in parts:
         results["mfu"] = [mfu(out, results["matmul_tflops"], c) for c in (False, True)]
         print(results["mfu"], flush=True)
-    for mode in ("quick", "full"):
-        if mode in parts:
-            results[mode] = [sweep(out, mode, c) for c in (False, True)]
-            print(results[mode], flush=True)
+    for spec in parts:
+        if spec.startswith(("quick-", "full-")):
+            results.setdefault("sweeps", []).append(sweep(out, spec))
+            print(results["sweeps"][-1], flush=True)
     if "truth" in parts:
         import optuna
 
-        for name in ("gpu-quick-ckpt", "gpu-full-ckpt"):
+        for name in ("gpu-quick-ckpt-nodom", "gpu-full-ckpt", "gpu-quick-ckpt"):
             try:
                 st = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/optuna.db")
             except KeyError:
@@ -146,35 +197,57 @@ def main() -> None:
                 continue
             best = max(done, key=lambda t: t.value)
             overrides = [f"{k}={v}" for k, v in best.params.items()] + [
-                "training.grad_checkpoint=true"]
+                "training.grad_checkpoint=true"
+            ]
             res = truth(out, {"overrides": overrides})
-            res.update(study=name, params=best.params,
-                       reported_gb=best.user_attrs["mlx_peak_mb"] / 1e3)
+            res.update(
+                study=name, params=best.params, reported_gb=best.user_attrs["mlx_peak_mb"] / 1e3
+            )
             results.setdefault("truth", []).append(res)
             print(res, flush=True)
             break
     (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
     rows = []
-    for mode in ("quick", "full"):
-        for r in results.get(mode, []):
-            rows.append([r["name"], f"{r['wall_s']:.0f}", r["tested"], r["passed"], r["pruned"],
-                         r["dominated"], r["winner"]])
+    for r in results.get("sweeps", []):
+        rows.append(
+            [
+                r["name"],
+                f"{r['wall_s']:.0f}",
+                r["tested"],
+                r["passed"],
+                r["pruned"],
+                r["dominated"],
+                r["winner"],
+            ]
+        )
     body = f"card: {device}\n\n"
     if "matmul_tflops" in results:
         body += f"- bf16 matmul 8192^3: {results['matmul_tflops']:.0f} TFLOP/s\n"
     for m in results.get("mfu", []):
-        body += (f"- batch 4, rank 128, layers 24, seq 1024, checkpointing {m['checkpoint']}: "
-                 f"{m['step_s']:.3f} s/step, {m['tflops']:.0f} TFLOP/s, MFU {m['mfu']:.1%}, "
-                 f"peak {m['peak_gb']:.1f} GB, first step {m['first_step_s']:.1f} s\n")
+        body += (
+            f"- batch 4, rank 128, layers 24, seq 1024, checkpointing {m['checkpoint']}: "
+            f"{m['step_s']:.3f} s/step, {m['tflops']:.0f} TFLOP/s, MFU {m['mfu']:.1%}, "
+            f"peak {m['peak_gb']:.1f} GB, first step {m['first_step_s']:.1f} s\n"
+        )
     if rows:
-        body += "\n" + table(["sweep", "wall s", "tested", "passed", "pruned", "dominated",
-                              "winner"], rows) + "\n"
+        body += (
+            "\n"
+            + table(["sweep", "wall s", "tested", "passed", "pruned", "dominated", "winner"], rows)
+            + "\n"
+        )
     for t in results.get("truth", []):
-        body += (f"\n- memory truth ({t['study']} winner {t['params']}): {t['steps']} steps, "
-                 f"peak {t['peak_gb']:.2f} GB vs {t['reported_gb']:.2f} GB reported "
-                 f"({t['peak_gb'] / t['reported_gb'] - 1:+.2%})\n")
-    record("NVIDIA GPU", "python benchmarks/gpu.py --parts " + args.parts, body,
-           where=out / "BENCHMARKS-gpu.md", machine_line=f"{device} (MLX CUDA)")
+        body += (
+            f"\n- memory truth ({t['study']} winner {t['params']}): {t['steps']} steps, "
+            f"peak {t['peak_gb']:.2f} GB vs {t['reported_gb']:.2f} GB reported "
+            f"({t['peak_gb'] / t['reported_gb'] - 1:+.2%})\n"
+        )
+    record(
+        "NVIDIA GPU",
+        "python benchmarks/gpu.py --parts " + args.parts,
+        body,
+        where=out / "BENCHMARKS-gpu.md",
+        machine_line=f"{device} (MLX CUDA)",
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def measure(side: str, overrides: list[str], steps: int, warmup: int) -> dict:
     times: list[float] = []
     mx.reset_peak_memory()
     if side == "ours":
-        step.apply_lora(model, int(cfg.lora.num_layers), params, bool(cfg.training.grad_checkpoint))
+        step.apply_lora(
+            model, int(cfg.lora.num_layers), params, bool(cfg.training.grad_checkpoint)
+        )
         optimizer = step.make_optimizer(cfg.training, steps)
         train_step = step.make_step(model, optimizer, cfg)
         micro = step.split_micro_batches(batch, 1)
@@ -68,16 +70,28 @@ def measure(side: str, overrides: list[str], steps: int, warmup: int) -> dict:
             def on_train_loss_report(self, info):
                 times.append(1.0 / info["iterations_per_second"])
 
-        optimizer = optim.AdamW(learning_rate=float(cfg.training.learning_rate),
-                                weight_decay=float(cfg.training.weight_decay))
-        args = TrainingArgs(batch_size=batch_size, iters=steps, steps_per_report=1,
-                            steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=seq,
-                            grad_checkpoint=bool(cfg.training.grad_checkpoint),
-                            adapter_file=os.devnull + ".safetensors")
+        optimizer = optim.AdamW(
+            learning_rate=float(cfg.training.learning_rate),
+            weight_decay=float(cfg.training.weight_decay),
+        )
+        args = TrainingArgs(
+            batch_size=batch_size,
+            iters=steps,
+            steps_per_report=1,
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            max_seq_length=seq,
+            grad_checkpoint=bool(cfg.training.grad_checkpoint),
+            adapter_file=os.devnull + ".safetensors",
+        )
         train(model, optimizer, dataset, None, args, training_callback=Timer())
     median = statistics.median(times[warmup:])
-    return {"step_s": median, "tokens_per_sec": batch_size * seq / median,
-            "peak_mb": mx.get_peak_memory() / 1e6, "steps": len(times)}
+    return {
+        "step_s": median,
+        "tokens_per_sec": batch_size * seq / median,
+        "peak_mb": mx.get_peak_memory() / 1e6,
+        "steps": len(times),
+    }
 
 
 def main() -> None:
@@ -100,28 +114,58 @@ def main() -> None:
     results: dict[str, list[dict]] = {"ours": [], "mlx-lm": []}
     for _ in range(args.repeats):
         for side in ("mlx-lm", "ours"):
-            out = subprocess.run([sys.executable, __file__, "--side", side, "--steps",
-                                  str(args.steps), "--warmup", str(args.warmup), *args.overrides],
-                                 capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--side",
+                    side,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    *args.overrides,
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=ROOT,
+                check=True,
+            )
             results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = {side: max(runs, key=lambda r: r["tokens_per_sec"]) for side, runs in results.items()}
     ratio = best["ours"]["tokens_per_sec"] / best["mlx-lm"]["tokens_per_sec"]
     cfg = compose(args.overrides)
-    setting = (f"model {cfg.model.name}, batch {cfg.training.batch_size}, rank {cfg.lora.rank}, "
-               f"layers {cfg.lora.num_layers}, seq {cfg.training.max_seq_length}, keys "
-               f"{','.join(cfg.lora['keys'])}, grad_checkpoint {cfg.training.grad_checkpoint}")
-    rows = [[side, f"{r['tokens_per_sec']:.0f}", f"{r['step_s'] * 1000:.1f}", f"{r['peak_mb']:.1f}",
-             " / ".join(f"{x['tokens_per_sec']:.0f}" for x in results[side])]
-            for side, r in best.items()]
-    body = (f"{setting}; {args.steps} steps, first {args.warmup} skipped, median step; best of "
-            f"{args.repeats} fresh processes per side.\n\n"
-            + table(["loop", "tokens/s", "ms/step", "peak MB", "all runs tok/s"], rows)
-            + f"\n\nours / mlx-lm tokens/s: **{ratio:.3f}x** (target >= 1.05x); peak memory ours "
-            f"{best['ours']['peak_mb']:.1f} MB vs mlx-lm {best['mlx-lm']['peak_mb']:.1f} MB")
+    setting = (
+        f"model {cfg.model.name}, batch {cfg.training.batch_size}, rank {cfg.lora.rank}, "
+        f"layers {cfg.lora.num_layers}, seq {cfg.training.max_seq_length}, keys "
+        f"{','.join(cfg.lora['keys'])}, grad_checkpoint {cfg.training.grad_checkpoint}"
+    )
+    rows = [
+        [
+            side,
+            f"{r['tokens_per_sec']:.0f}",
+            f"{r['step_s'] * 1000:.1f}",
+            f"{r['peak_mb']:.1f}",
+            " / ".join(f"{x['tokens_per_sec']:.0f}" for x in results[side]),
+        ]
+        for side, r in best.items()
+    ]
+    body = (
+        f"{setting}; {args.steps} steps, first {args.warmup} skipped, median step; best of "
+        f"{args.repeats} fresh processes per side.\n\n"
+        + table(["loop", "tokens/s", "ms/step", "peak MB", "all runs tok/s"], rows)
+        + f"\n\nours / mlx-lm tokens/s: **{ratio:.3f}x** (target >= 1.05x); peak memory ours "
+        f"{best['ours']['peak_mb']:.1f} MB vs mlx-lm {best['mlx-lm']['peak_mb']:.1f} MB"
+    )
     from pathlib import Path
 
-    record("Training step: ours vs mlx-lm's trainer", command_line(), body,
-           where=Path(args.output) if args.output else None)
+    record(
+        "Training step: ours vs mlx-lm's trainer",
+        command_line(),
+        body,
+        where=Path(args.output) if args.output else None,
+    )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,22 @@ def sweep(tmp: Path, name: str, *overrides: str) -> tuple[float, list]:
 
     storage = f"sqlite:///{tmp}/optuna.db"
     tick = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "your_ai.sweep", f"sweep.storage={storage}",
-                    f"sweep.study_name={name}", f"paths.sweeps={tmp}/sweeps",
-                    f"paths.profiles={tmp}/profiles", "sweep.report=false", *overrides],
-                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "your_ai.sweep",
+            f"sweep.storage={storage}",
+            f"sweep.study_name={name}",
+            f"paths.sweeps={tmp}/sweeps",
+            f"paths.profiles={tmp}/profiles",
+            "sweep.report=false",
+            *overrides,
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - tick
     return wall, optuna.load_study(study_name=name, storage=storage).trials
 
@@ -50,15 +62,33 @@ def best(trials) -> tuple | None:
 def memory_truth(tmp: Path, winner: tuple, reported_mlx_mb: float, overrides: list[str]) -> dict:
     run_dir = tmp / "truth"
     batch, rank, layers = winner
-    subprocess.run([sys.executable, "-m", "your_ai.train", f"hydra.run.dir={run_dir}",
-                    f"training.batch_size={batch}", f"lora.rank={rank}", f"lora.num_layers={layers}",
-                    "training.max_steps=200", "training.save_every=1000", *overrides],
-                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "your_ai.train",
+            f"hydra.run.dir={run_dir}",
+            f"training.batch_size={batch}",
+            f"lora.rank={rank}",
+            f"lora.num_layers={layers}",
+            "training.max_steps=200",
+            "training.save_every=1000",
+            *overrides,
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     peak_mb = max(r["peak_memory_gb"] for r in rows) * 1e3
     full = sum(1 for r in rows if r["tokens"] == batch * max(x["tokens"] for x in rows) // batch)
-    return {"steps": len(rows), "peak_mb": peak_mb, "reported_mb": reported_mlx_mb,
-            "diff": peak_mb / reported_mlx_mb - 1, "full_batches": full}
+    return {
+        "steps": len(rows),
+        "peak_mb": peak_mb,
+        "reported_mb": reported_mlx_mb,
+        "diff": peak_mb / reported_mlx_mb - 1,
+        "full_batches": full,
+    }
 
 
 def main() -> None:
@@ -96,8 +126,9 @@ def main() -> None:
     baseline_mb = trials_a[0].user_attrs["baseline_mb"]
     ref_a = exhaustive.winner(reference, None, margin)
     # The reference counts MLX's peak only; add the worker baseline our sweep counts.
-    ref_b = exhaustive.winner([{**r, "peak_mb": r["peak_mb"] + baseline_mb} for r in reference],
-                              limit, margin)
+    ref_b = exhaustive.winner(
+        [{**r, "peak_mb": r["peak_mb"] + baseline_mb} for r in reference], limit, margin
+    )
     as_key = lambda r: (r["batch_size"], r["rank"], r["num_layers"]) if r else None  # noqa: E731
 
     def steps(trials):
@@ -108,26 +139,54 @@ def main() -> None:
 
     n = len(reference)
     rows = [
-        ["exhaustive (a) and (b)", f"{reference_wall:.1f}", n, n * int(cfg.sweep.steps), "100%",
-         f"{as_key(ref_a)} / {as_key(ref_b)}"],
-        ["ours (a) no limit", f"{wall_a:.1f}", ran(trials_a), steps(trials_a),
-         f"{wall_a / reference_wall:.0%}", best(trials_a)],
-        ["ours (a) early stop off", f"{wall_full:.1f}", ran(trials_full), steps(trials_full),
-         f"{wall_full / reference_wall:.0%}", best(trials_full)],
-        [f"ours (b) limit {limit} GB", f"{wall_b:.1f}", ran(trials_b), steps(trials_b),
-         f"{wall_b / reference_wall:.0%}", best(trials_b)],
+        [
+            "exhaustive (a) and (b)",
+            f"{reference_wall:.1f}",
+            n,
+            n * int(cfg.sweep.steps),
+            "100%",
+            f"{as_key(ref_a)} / {as_key(ref_b)}",
+        ],
+        [
+            "ours (a) no limit",
+            f"{wall_a:.1f}",
+            ran(trials_a),
+            steps(trials_a),
+            f"{wall_a / reference_wall:.0%}",
+            best(trials_a),
+        ],
+        [
+            "ours (a) early stop off",
+            f"{wall_full:.1f}",
+            ran(trials_full),
+            steps(trials_full),
+            f"{wall_full / reference_wall:.0%}",
+            best(trials_full),
+        ],
+        [
+            f"ours (b) limit {limit} GB",
+            f"{wall_b:.1f}",
+            ran(trials_b),
+            steps(trials_b),
+            f"{wall_b / reference_wall:.0%}",
+            best(trials_b),
+        ],
     ]
     peaks_a = {key(t.params): t.user_attrs["peak_memory_mb"] for t in trials_a}
     peaks_full = {key(t.params): t.user_attrs["peak_memory_mb"] for t in trials_full}
     peak_diff = max(abs(peaks_a[k] / peaks_full[k] - 1) for k in peaks_a)
     mlx_vs_reference = statistics.median(
-        t.user_attrs["mlx_peak_mb"] / next(r["peak_mb"] for r in reference
-                                           if as_key(r) == key(t.params)) for t in trials_a)
+        t.user_attrs["mlx_peak_mb"]
+        / next(r["peak_mb"] for r in reference if as_key(r) == key(t.params))
+        for t in trials_a
+    )
     load_s = trials_a[0].user_attrs.get("worker_load_s", 0.0)
     shares = []
     for t in trials_a:
         a = t.user_attrs
-        fixed = a["setup_s"] + max(0.0, a["first_step_s"] - a["step_time_s"]) + load_s / len(trials_a)
+        fixed = (
+            a["setup_s"] + max(0.0, a["first_step_s"] - a["step_time_s"]) + load_s / len(trials_a)
+        )
         shares.append(fixed / (a["total_s"] + load_s / len(trials_a)))
     winner = best(trials_a)
     winner_trial = next(t for t in trials_a if key(t.params) == winner)
@@ -150,8 +209,12 @@ def main() -> None:
         f"MLX peak {truth['peak_mb']:.1f} MB vs {truth['reported_mb']:.1f} MB reported by the "
         f"sweep before the margin ({truth['diff']:+.2%}; target within 5 %, never over the limit)"
     )
-    record(f"Time to the answer ({args.mode})", command_line(), body,
-           where=Path(args.output) if args.output else None)
+    record(
+        f"Time to the answer ({args.mode})",
+        command_line(),
+        body,
+        where=Path(args.output) if args.output else None,
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,10 @@ def apply_lora(model: nn.Module, num_layers: int, params: dict, grad_checkpoint:
     )
     if converted == 0:
         raise UserError(f"lora.keys={params['keys']}: none of these modules is in the model")
-    for i, layer in enumerate(model.layers):
-        layer._checkpoint = grad_checkpoint and i >= total - num_layers
+    # Every layer, as mlx-lm's grad_checkpoint does: layers below the LoRA ones, left plain,
+    # keep their activations alive through the backward pass of the step.
+    for layer in model.layers:
+        layer._checkpoint = grad_checkpoint
     if grad_checkpoint:
         _allow_checkpoint(type(model.layers[0]))
     return sum(v.size for _, v in nn.utils.tree_flatten(model.trainable_parameters()))

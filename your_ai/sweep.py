@@ -53,6 +53,14 @@ def model_source(cfg: DictConfig) -> str:
     return str(cfg.model.path)
 
 
+def dominance_enabled(setting, backend: str) -> bool:
+    if setting == "auto":
+        return backend != "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise UserError(f"sweep.dominance={setting} is not one of auto, true, false")
+
+
 def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: float) -> dict:
     """Everything that decides a study's results; a study refuses to continue with others."""
     sweep, model = cfg.sweep, cfg.model
@@ -67,6 +75,7 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "steps": int(sweep.steps),
         "warmup_steps": int(sweep.warmup_steps),
         "early_stop": bool(sweep.early_stop),
+        "dominance": dominance_enabled(sweep.dominance, info["backend"]),
         "max_memory_gb": float(max_memory_gb),
         "margin": float(sweep.margin),
         "objective": str(sweep.objective),
@@ -156,6 +165,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
     space = {name: sorted(values) for name, values in sampler._search_space.items()}
     size = sampler.size
     max_retry = int(cfg.sweep.max_retry)
+    dominance = st.user_attrs["settings"]["dominance"]
     ran = 0
     bar = tqdm(
         total=size,
@@ -201,7 +211,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                 trial._trial_id, study.WORKER_ATTR, study.worker_identity()
             )
             position = grid_id + 1
-            dominator = study.dominating_trial(st, params)
+            dominator = study.dominating_trial(st, params) if dominance else None
             if dominator is not None:
                 attrs = {
                     "state": "pruned",

@@ -92,6 +92,7 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     examples = data.validate(cfg.data.train_file)
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
     model = loaded.model
+    mx.reset_peak_memory()  # building or loading the model is not part of training's peak
     lora_params = step.lora_parameters(cfg.lora)
     mx.random.seed(int(cfg.seed))  # the same LoRA initialisation on every run of this config
     trainable = step.apply_lora(
