@@ -198,7 +198,8 @@ def main() -> None:
         + table(["method", "wall s", "configs run", "steps run", "of exhaustive", "winner"], rows)
         + f"\n\n- targets: (a) <= 50 %: {wall_a / reference_wall:.0%}; (b) <= 35 %: "
         f"{wall_b / reference_wall:.0%}\n"
-        f"- same winner: (a) {best(trials_a) == as_key(ref_a)}, (b) {best(trials_b) == as_key(ref_b)}"
+        f"- same winner: (a) {best(trials_a) == as_key(ref_a)}, "
+        f"(b) {best(trials_b) == as_key(ref_b)}"
         f"; early stop off gives winner {best(trials_full)} and peaks within {peak_diff:.2%}\n"
         f"- our MLX peak / the reference's MLX peak, median over configurations: "
         f"{mlx_vs_reference:.3f}\n"

@@ -347,7 +347,8 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
         print(
             f"your_ai sweep | model {cfg.model.name} ({info['num_layers']} layers, "
             f"{info['weight_bytes'] / 1e6:.1f} MB weights) | max memory {max_gb:.2f} GB "
-            f"(margin {margin:.0%}) | mode {cfg.sweep.mode}, {size} configurations | "
+            f"(margin {margin:.0%}) | mode {cfg.sweep.mode}, {size} configurations, dominance "
+            f"{'on' if settings['dominance'] else 'off'} | "
             f"device {info['backend']}: {info['name']}, {info['memory_gb']} GB, "
             f"BLAS {info['blas']} | "
             f"study {name} in {study.redact(url)}",
