@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 
-def machine() -> str:
+def machine(blas_name: str | None = None) -> str:
     import mlx.core as mx
 
     from your_ai import blas, device
@@ -20,7 +20,7 @@ def machine() -> str:
     info = device.describe()
     return (
         f"{platform.node()}: {info['backend']} {info['name']}, {psutil.cpu_count()} cores, "
-        f"{info['memory_gb']} GB, mlx {mx.__version__}, BLAS {blas.active_blas()}"
+        f"{info['memory_gb']} GB, mlx {mx.__version__}, BLAS {blas_name or blas.active_blas()}"
     )
 
 
@@ -38,12 +38,17 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def record(
-    title: str, command: str, body: str, where: Path | None = None, machine_line: str | None = None
+    title: str,
+    command: str,
+    body: str,
+    where: Path | None = None,
+    machine_line: str | None = None,
+    blas_name: str | None = None,
 ) -> None:
     """Print the result and append it to BENCHMARKS.md (or `where`)."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
-        f"\n## {title}\n\n- date: {stamp}\n- machine: {machine_line or machine()}\n"
+        f"\n## {title}\n\n- date: {stamp}\n- machine: {machine_line or machine(blas_name)}\n"
         f"- command: `{command}`\n\n{body}\n"
     )
     print(text)

@@ -215,6 +215,9 @@ def main() -> None:
         command_line(),
         body,
         where=Path(args.output) if args.output else None,
+        blas_name="openblas (preloaded in the measured processes)"
+        if env.get("LD_PRELOAD")
+        else None,
     )
 
 

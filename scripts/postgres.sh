@@ -4,7 +4,8 @@
 set -euo pipefail
 action=${1:?start|stop}
 dir=${2:?data directory}
-port=${YOUR_AI_PG_PORT:-54329}
+# A free loopback port unless one is given.
+port=${YOUR_AI_PG_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -n "$bin" ] || bin=$(dirname "$(command -v initdb)")
 # PostgreSQL refuses to run as root: run it as the postgres user there.
@@ -21,6 +22,7 @@ case "$action" in
     echo "export YOUR_AI_TEST_POSTGRES=postgresql+psycopg://postgres@127.0.0.1:$port/your_ai_test"
     ;;
   stop)
+    [ -d "$dir/data" ] || exit 0
     as_owner "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null || true
     ;;
 esac

@@ -43,6 +43,7 @@ def exported_profile(small_sweep):
     cfg = cfg.copy()
     cfg.profile_name = name
     cfg.paths.profiles = str(ROOT / "conf" / "profile")
+    existing = {p: p.read_bytes() for p in (ROOT / "conf" / "profile").glob("*.yaml")}
     document = export.export(cfg, summary["study"])
     path = ROOT / "conf" / "profile" / f"{name}.yaml"
     named = (
@@ -50,7 +51,10 @@ def exported_profile(small_sweep):
     )
     yield name, path, document
     path.unlink(missing_ok=True)
-    named.unlink(missing_ok=True)
+    if named in existing:  # the per-hardware profile may be the user's own: put it back
+        named.write_bytes(existing[named])
+    else:
+        named.unlink(missing_ok=True)
 
 
 @pytest.mark.slow

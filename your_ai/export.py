@@ -188,10 +188,12 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
+    """`--list [DIR]` lists the profiles (default conf/profile); anything else is the Hydra app."""
     if "--list" in sys.argv:
         from your_ai import PROJECT_ROOT
 
-        list_profiles(PROJECT_ROOT / "conf" / "profile")
+        rest = sys.argv[sys.argv.index("--list") + 1 :]
+        list_profiles(Path(rest[0]) if rest else PROJECT_ROOT / "conf" / "profile")
         return
     main()
 

@@ -1,0 +1,94 @@
+"""Linux CPU: the quick sweep with OpenBLAS preloaded into its workers (blas=auto) and with MLX's
+bundled reference BLAS (blas=off), in the same run, plus a plain matmul for scale.
+
+    python benchmarks/blas.py [overrides...]
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import command_line, record, table  # noqa: E402
+
+MATMUL = (
+    "import time, mlx.core as mx; a = mx.random.normal((1024, 1024)); mx.eval(a); ts = []\n"
+    "for _ in range(12):\n"
+    "    t = time.perf_counter(); mx.eval(a @ a); ts.append(time.perf_counter() - t)\n"
+    "print(2 * 1024**3 / sorted(ts)[len(ts) // 2] / 1e9)"
+)
+
+
+def sweep(blas: str, overrides: list[str]) -> tuple[float, str]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"your_ai-blas-{blas}-"))
+    tick = time.perf_counter()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "your_ai.sweep",
+            f"blas={blas}",
+            f"sweep.storage=sqlite:///{tmp}/db",
+            f"paths.sweeps={tmp}",
+            f"paths.profiles={tmp}/profiles",
+            "sweep.report=false",
+            *overrides,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    wall = time.perf_counter() - tick
+    optimal = next(line for line in out.splitlines() if line.startswith("optimal:"))
+    return wall, optimal.split(", peak")[0].removeprefix("optimal: ")
+
+
+def matmul_gflops(env: dict) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", MATMUL], env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    from your_ai import blas
+
+    preload = blas.preload_env("auto")
+    if not preload:
+        sys.exit("no OpenBLAS found to preload (Debian: apt-get install libopenblas0-pthread)")
+    plain_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    rows = []
+    for name, mode, env in (
+        ("bundled", "off", plain_env),
+        ("openblas", "auto", {**plain_env, **preload}),
+    ):
+        wall, winner = sweep(mode, ["mode=quick", *args.overrides])
+        rows.append([name, f"{matmul_gflops(env):.1f}", f"{wall:.1f}", winner])
+    speedup = float(rows[0][2]) / float(rows[1][2])
+    body = (
+        f"quick sweep on the tiny model, OpenBLAS {preload['LD_PRELOAD']}\n\n"
+        + table(["BLAS", "matmul 1024^3 GFLOP/s", "quick sweep wall s", "winner"], rows)
+        + f"\n\nquick sweep speed-up with OpenBLAS: **{speedup:.1f}x** (target >= 10x)"
+    )
+    record(
+        "Linux CPU: OpenBLAS against the bundled BLAS",
+        command_line(),
+        body,
+        where=Path(args.output) if args.output else None,
+        blas_name="both, as the table says",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Profiles that travel, and Hydra multirun comparing models."""
+
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, SMALL_GRID, command, command_env
+from your_ai import export
+
+
+def test_export_list_shows_each_profile_with_its_numbers(small_sweep, tmp_path):
+    cfg, summary = small_sweep
+    cfg = cfg.copy()
+    cfg.paths.profiles = str(tmp_path)
+    document = export.export(cfg, summary["study"])
+    named = f"tiny-{document['measured']['hardware']}"
+    assert sorted(p.stem for p in tmp_path.glob("*.yaml")) == sorted(["best", named])
+    proc = subprocess.run(
+        command("your_ai.export", "--list", str(tmp_path)),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=command_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    best = summary["best"]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"best", named}
+    batch, rank, layers = (int(x) for x in rows[named][1:4])
+    assert (batch, rank, layers) == (
+        best.params["training.batch_size"],
+        best.params["lora.rank"],
+        best.params["lora.num_layers"],
+    )
+
+
+@pytest.mark.slow
+def test_multirun_runs_one_study_per_model_and_the_report_compares_them(tmp_path):
+    common = [
+        f"sweep.storage=sqlite:///{tmp_path}/optuna.db",
+        f"paths.sweeps={tmp_path}",
+        f"paths.profiles={tmp_path}/profiles",
+        "sweep.report=false",
+        *SMALL_GRID,
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
+    proc = subprocess.run(
+        command("your_ai.sweep", "-m", "model=tiny,tiny-q4", "mode=quick", *common),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=command_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("optimal:") == 2
+    report = subprocess.run(
+        command("your_ai.report", "+compare=all", *common[:-1]),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=command_env(),
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = (tmp_path / "comparison.md").read_text()
+    assert "tiny-quick" in table and "tiny-q4-quick" in table
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
