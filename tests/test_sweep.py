@@ -295,3 +295,24 @@ def test_trials_in_one_worker_leave_no_residue(tmp_path):
     # Generous on time (a shared 2-core machine is noisy); nesting made it several times slower.
     assert again["step_time_s"] < 1.5 * first["step_time_s"]
     assert not any(hasattr(m, "lora_a") for _, m in loaded.model.named_modules())
+
+
+def test_a_hung_trial_is_killed_after_its_timeout_and_recorded(tmp_path):
+    cfg = compose_config(
+        [
+            *isolated(tmp_path),
+            *SMALL_GRID,
+            "sweep.study_name=hung",
+            "sweep.first_step_timeout_s=0.01",
+            "sweep.min_step_timeout_s=0.01",
+            "sweep.step_timeout_factor=0.01",
+            "sweep.export=false",
+        ]
+    )
+    summary = sweep.run(cfg)
+    trials = summary["study"].trials
+    first = trials[0]
+    assert first.state == TrialState.PRUNED
+    assert first.user_attrs["reason"] == "timed out (no step finished in time; killed)"
+    assert summary["best"] is None
+    assert all(t.state == TrialState.PRUNED for t in trials) and len(trials) == 8

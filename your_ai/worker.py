@@ -111,7 +111,7 @@ class Worker:
                     os.environ[key] = value
         child.close()
         self.conn = parent
-        kind, *payload = self._receive(timeout=float(self.cfg.sweep.first_step_timeout_s))
+        kind, *payload = self._receive(timeout=float(self.cfg.sweep.worker_start_timeout_s))
         if kind == "user_error":
             self.stop()
             raise UserError(payload[0])
@@ -155,14 +155,16 @@ class Worker:
         while True:
             heartbeat()
             message = None
-            if self.conn.poll(1.0):
+            if self.conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
                 try:
                     message = self.conn.recv()
                 except EOFError:
                     message = None
             if message is not None:
                 kind, *payload = message
-                if kind == "step":
+                if kind == "step" and time.monotonic() > deadline:
+                    message = None  # the step came too late: handled below as a hang
+                elif kind == "step":
                     info = payload[0]
                     last_peak = info["peak_bytes"]
                     times.append(info["seconds"])
@@ -173,11 +175,12 @@ class Worker:
                     deadline = time.monotonic() + wait
                     on_step(info)
                     continue
-                if kind == "result":
+                elif kind == "result":
                     return payload[0]
-                if kind == "user_error":
+                elif kind == "user_error":
                     raise UserError(payload[0])
-                return {"state": "failed", "reason": payload[0], "traceback": payload[1]}
+                else:
+                    return {"state": "failed", "reason": payload[0], "traceback": payload[1]}
             if not self.process.is_alive():
                 how = describe_exit(self.process.exitcode)
                 self.stop()
