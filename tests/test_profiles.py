@@ -67,3 +67,17 @@ def test_multirun_runs_one_study_per_model_and_the_report_compares_them(tmp_path
     table = (tmp_path / "comparison.md").read_text()
     assert "tiny-quick" in table and "tiny-q4-quick" in table
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def test_a_failed_profile_write_leaves_the_previous_profile(tmp_path, monkeypatch):
+    profile = tmp_path / "best.yaml"
+    profile.write_text("previous\n")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt  # as a kill between open and rename would
+
+    monkeypatch.setattr("os.fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.atomic_write(profile, "new profile\n")
+    assert profile.read_text() == "previous\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.yaml"]  # no half-written leftovers

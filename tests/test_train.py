@@ -188,3 +188,33 @@ def test_auto_optimize_trains_with_the_sweep_winner(tmp_path):
         8,
         4,
     )
+
+
+def test_gradient_accumulation_equals_one_large_batch(make_cfg, tmp_path):
+    """Two micro-batches of 2 step the adapters like one batch of 4 (token-weighted). In weighted
+    distrust mode the weights are normalised within each micro-batch, so additive is compared."""
+    from mlx.utils import tree_flatten
+
+    from your_ai import data, models, step
+
+    results = []
+    for accumulation in (1, 2):
+        cfg = make_cfg(
+            "lora.rank=4",
+            "lora.num_layers=2",
+            f"paths.models={tmp_path}/models",
+            f"training.grad_accumulation={accumulation}",
+            "training.compile=false",
+            "distrust.mode=additive",
+        )
+        loaded = models.load(cfg.model, cfg.paths.models)
+        mx.random.seed(0)
+        step.apply_lora(loaded.model, 2, step.lora_parameters(cfg.lora), False)
+        optimizer = step.make_optimizer(cfg.training, 10)
+        train_step = step.make_step(loaded.model, optimizer, cfg)
+        batch = next(data.iterate_batches(ROOT / "data" / "sample.jsonl", loaded.tokenizer, 4, 64))
+        for _ in range(3):
+            train_step(step.split_micro_batches(batch, accumulation))
+        results.append(dict(tree_flatten(loaded.model.trainable_parameters())))
+    for name, value in results[0].items():
+        assert np.allclose(np.array(value), np.array(results[1][name]), atol=1e-5), name
