@@ -101,12 +101,16 @@ class LightFirstGridSampler(GridSampler):
 
 
 def held_grid_ids(study, exclude: int | None = None) -> dict[int, int]:
-    """grid_id -> smallest trial number holding it (running, waiting or measured)."""
+    """grid_id -> smallest trial number holding it: running, waiting, measured, or failed by an
+    error in the trial itself (final: rerunning the same code would fail the same way)."""
     held: dict[int, int] = {}
-    for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=CLAIMED):
+    states = (*CLAIMED, TrialState.FAIL)
+    for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=states):
         grid_id = t.system_attrs.get("grid_id")
         if grid_id is None or t.number == exclude or t.system_attrs.get(SURPLUS_ATTR):
             continue
+        if t.state == TrialState.FAIL and t.user_attrs.get("state") != "failed":
+            continue  # a dead sweep's trial: its retry holds the point
         held[grid_id] = min(held.get(grid_id, t.number), t.number)
     return held
 
