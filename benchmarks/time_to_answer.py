@@ -59,7 +59,9 @@ def best(trials) -> tuple | None:
     return key(max(done, key=lambda t: t.value).params) if done else None
 
 
-def memory_truth(tmp: Path, winner: tuple, reported_mlx_mb: float, overrides: list[str]) -> dict:
+def memory_truth(
+    tmp: Path, winner: tuple, reported_mlx_mb: float, overrides: list[str], steps: int
+) -> dict:
     run_dir = tmp / "truth"
     batch, rank, layers = winner
     subprocess.run(
@@ -71,7 +73,7 @@ def memory_truth(tmp: Path, winner: tuple, reported_mlx_mb: float, overrides: li
             f"training.batch_size={batch}",
             f"lora.rank={rank}",
             f"lora.num_layers={layers}",
-            "training.max_steps=200",
+            f"training.max_steps={steps}",
             "training.save_every=1000",
             *overrides,
         ],
@@ -95,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", default="quick")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--truth-steps", type=int, default=200)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -190,7 +193,9 @@ def main() -> None:
         shares.append(fixed / (a["total_s"] + load_s / len(trials_a)))
     winner = best(trials_a)
     winner_trial = next(t for t in trials_a if key(t.params) == winner)
-    truth = memory_truth(tmp, winner, winner_trial.user_attrs["mlx_peak_mb"], args.overrides)
+    truth = memory_truth(
+        tmp, winner, winner_trial.user_attrs["mlx_peak_mb"], args.overrides, args.truth_steps
+    )
 
     body = (
         f"tiny model, mode {args.mode} ({n} configurations), seq {seq}, {cfg.sweep.steps} steps "

@@ -1,0 +1,111 @@
+"""Each benchmark script runs on a tiny setting and writes its table."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, command_env
+
+TINY = [
+    "sweep.grid.batch_size=[1,2]",
+    "sweep.grid.rank=[4]",
+    "sweep.grid.num_layers=[2]",
+    "sweep.steps=4",
+    "sweep.warmup_steps=1",
+    "training.max_seq_length=32",
+]
+
+
+def bench(tmp_path, script, *args, env=None):
+    output = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--output", str(output), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env or command_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = output.read_text()
+    assert "- date: " in text and "- machine: " in text and "- command: `python " in text
+    assert "|---" in text  # the table
+    return text
+
+
+@pytest.mark.slow
+def test_step_speed(tmp_path):
+    text = bench(
+        tmp_path,
+        "step_speed.py",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "training.max_seq_length=32",
+        "lora.rank=4",
+        "lora.num_layers=2",
+    )
+    assert "| ours" in text and "| mlx-lm" in text and "ours / mlx-lm tokens/s" in text
+
+
+@pytest.mark.slow
+def test_time_to_answer(tmp_path):
+    text = bench(tmp_path, "time_to_answer.py", "--truth-steps", "3", *TINY)
+    for row in ("exhaustive (a) and (b)", "ours (a) no limit", "ours (b) limit"):
+        assert row in text
+    assert "fixed cost per trial" in text and "memory truth" in text
+
+
+@pytest.mark.slow
+def test_blas(tmp_path):
+    text = bench(tmp_path, "blas.py", *TINY)
+    assert "| bundled" in text and "| openblas" in text
+
+
+@pytest.mark.slow
+def test_scale_out(tmp_path):
+    url = os.environ.get("YOUR_AI_TEST_POSTGRES")
+    if not url:
+        pytest.fail("YOUR_AI_TEST_POSTGRES is not set: ./.ci/run starts a PostgreSQL server")
+    text = bench(tmp_path, "scale_out.py", *TINY)
+    rows = [
+        [c.strip() for c in line.split("|")[1:-1]]
+        for line in text.splitlines()
+        if line.startswith("| 1 ") or line.startswith("| 4 ")
+    ]
+    # workers, wall, trials, grid points measured: exactly the 2 points, once each
+    assert [(r[0], r[2], r[3]) for r in rows] == [("1", "2", "2"), ("4", "2", "2")]
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_on_the_cpu(tmp_path):
+    output = tmp_path / "gpu"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu.py",
+            "--out",
+            str(output),
+            "--parts",
+            "matmul,quick-plain,quick-ckpt-nodom,truth",
+            "--size",
+            "128",
+            "--model",
+            "model=tiny training.max_seq_length=32",
+            "--extra",
+            " ".join(TINY[:-1]),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=command_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (output / "BENCHMARKS-gpu.md").read_text()
+    assert "gpu-quick-plain" in text and "gpu-quick-ckpt-nodom" in text and "memory truth" in text
