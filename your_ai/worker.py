@@ -181,24 +181,20 @@ class Worker:
                     raise UserError(payload[0])
                 else:
                     return {"state": "failed", "reason": payload[0], "traceback": payload[1]}
+            reason = None
             if not self.process.is_alive():
-                how = describe_exit(self.process.exitcode)
+                reason = f"worker process died ({describe_exit(self.process.exitcode)})"
+            elif time.monotonic() > deadline:
+                reason = "timed out (no step finished in time; killed)"
+            if reason is not None:
+                # Both are how running out of memory shows on some backends: prune, replace.
                 self.stop()
                 return {
                     "state": "pruned",
                     "memory": True,
                     "peak_bytes": last_peak,
                     "steps_run": len(times),
-                    "reason": f"worker process died ({how})",
-                }
-            if time.monotonic() > deadline:
-                self.stop()
-                return {
-                    "state": "pruned",
-                    "memory": True,
-                    "peak_bytes": last_peak,
-                    "steps_run": len(times),
-                    "reason": "timed out (no step finished in time; killed)",
+                    "reason": reason,
                 }
 
     def stop(self) -> None:
