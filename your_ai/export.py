@@ -15,7 +15,6 @@ import hydra
 import optuna
 import yaml
 from omegaconf import DictConfig
-from optuna.trial import TrialState
 
 from your_ai import CONF_DIR, study
 from your_ai.errors import UserError, exit_on_user_error
@@ -37,14 +36,8 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def best_trial(st):
-    complete = [
-        t
-        for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not t.system_attrs.get(study.SURPLUS_ATTR)
-    ]
-    if not complete:
-        return None
-    return max(complete, key=lambda t: (t.value, t.user_attrs.get("tokens_per_sec", 0)))
+    ranked = study.ranked_complete(st)
+    return ranked[0] if ranked else None
 
 
 def profile_document(st, trial, url: str) -> dict:

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,11 +62,28 @@ def build_from_architecture(config: dict, dtype: str, seed: int) -> nn.Module:
     return model
 
 
-def build_model_dir(path: Path, architecture: dict, seed: int = 0) -> None:
-    """Write an ordinary mlx-lm model directory with random weights and a byte-level tokenizer."""
+def publish_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """Create `path` by writing into a staging directory beside it, then renaming it into place.
+
+    A rename is atomic: concurrent workers see the whole directory or none, and the one that
+    loses the race keeps the winner's.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
+        write(staging)
+        os.rename(staging, path)
+    except OSError:
+        if not path.exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_model_dir(path: Path, architecture: dict, seed: int = 0) -> None:
+    """Write an ordinary mlx-lm model directory with random weights and a byte-level tokenizer."""
+
+    def write(staging: Path) -> None:
         model = build_from_architecture(architecture, "float32", seed)
         mx.save_safetensors(
             str(staging / "model.safetensors"),
@@ -74,13 +92,8 @@ def build_model_dir(path: Path, architecture: dict, seed: int = 0) -> None:
         )
         (staging / "config.json").write_text(json.dumps(architecture, indent=2) + "\n")
         byte_tokenizer(staging)
-        # A rename is atomic: concurrent workers either see the whole directory or none.
-        os.rename(staging, path)
-    except OSError:
-        if not path.exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    publish_dir(path, write)
 
 
 def looks_local(path: str) -> bool:
@@ -92,13 +105,7 @@ def embedded_tokenizer(models_dir: Path):
 
     directory = models_dir / "byte-tokenizer"
     if not directory.exists():
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".byte-tokenizer-", dir=directory.parent))
-        byte_tokenizer(staging)
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
+        publish_dir(directory, byte_tokenizer)
     return load_tokenizer(directory)
 
 

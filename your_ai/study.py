@@ -246,6 +246,16 @@ def is_alive(identity: dict) -> bool:
         return False
 
 
+def give_back(study, trial_id: int, max_retry: int) -> bool:
+    """Fail a running trial and queue it again with the same grid point, as Optuna does for a
+    trial whose heartbeat stopped; False if it was no longer running."""
+    storage = study._storage
+    if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+        return False
+    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, storage.get_trial(trial_id))
+    return True
+
+
 def uses_heartbeat(storage) -> bool:
     return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
@@ -266,10 +276,7 @@ def recover_dead_trials(study, max_retry: int) -> list[int]:
         if not owner or owner.get("host") != host or is_alive(owner):
             continue
         # This host's dead sweeps are known at once: no need to wait for the grace period.
-        if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-            RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(
-                study, storage.get_trial(t._trial_id)
-            )
+        if give_back(study, t._trial_id, max_retry):
             recovered.append(t.number)
     return recovered
 
@@ -290,6 +297,14 @@ def measured_grid_trials(study_) -> list[FrozenTrial]:
         for t in study_.get_trials(deepcopy=False, states=MEASURED)
         if "grid_id" in t.system_attrs and not t.system_attrs.get(SURPLUS_ATTR)
     ]
+
+
+def ranked_complete(study_) -> list[FrozenTrial]:
+    """Measured trials that fit, best first: by objective, then by throughput."""
+    complete = [t for t in measured_grid_trials(study_) if t.state == TrialState.COMPLETE]
+    return sorted(
+        complete, key=lambda t: (t.value, t.user_attrs.get("tokens_per_sec", 0)), reverse=True
+    )
 
 
 def describe_params(params: dict) -> str:

@@ -233,10 +233,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                     result = worker.run(params, limits, lambda s: None, beat)
                 except BaseException:
                     # Interrupted: give the trial back so the next run measures it.
-                    st._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-                    study.RetryHeartbeatStaleTrialCallback(max_retry)(
-                        st, st._storage.get_trial(trial._trial_id)
-                    )
+                    study.give_back(st, trial._trial_id, max_retry)
                     raise
                 attrs = result_attrs(result, params, worker.info or info, limits)
                 for key, value in attrs.items():
@@ -263,15 +260,12 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
 
 def summarize(st, out) -> dict:
     trials = study.measured_grid_trials(st)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     dominated = [t for t in trials if t.user_attrs.get("dominated_by_params")]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
-    ranked = sorted(
-        complete, key=lambda t: (t.value, t.user_attrs.get("tokens_per_sec", 0)), reverse=True
-    )
+    ranked = study.ranked_complete(st)
     summary = {
         "tested": len(trials) - len(dominated),
-        "passed": len(complete),
+        "passed": len(ranked),
         "pruned": len(pruned),
         "dominated": len(dominated),
         "best": ranked[0] if ranked else None,
