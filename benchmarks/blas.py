@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import command_line, record, table  # noqa: E402
+from benchmarks.common import command_line, record, sweep_command, table  # noqa: E402
 
 MATMUL = (
     "import time, mlx.core as mx; a = mx.random.normal((1024, 1024)); mx.eval(a); ts = []\n"
@@ -29,17 +29,7 @@ def sweep(blas: str, overrides: list[str]) -> tuple[float, str]:
     tmp = Path(tempfile.mkdtemp(prefix=f"your_ai-blas-{blas}-"))
     tick = time.perf_counter()
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "your_ai.sweep",
-            f"blas={blas}",
-            f"sweep.storage=sqlite:///{tmp}/db",
-            f"paths.sweeps={tmp}",
-            f"paths.profiles={tmp}/profiles",
-            "sweep.report=false",
-            *overrides,
-        ],
+        sweep_command(tmp, f"sqlite:///{tmp}/db", f"blas={blas}", *overrides),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -57,6 +57,25 @@ def record(
         f.write(text)
 
 
+def sweep_command(workdir: Path, storage: str, *overrides: str) -> list[str]:
+    """`python -m your_ai.sweep` with its study, profiles and artifacts under `workdir`."""
+    return [
+        sys.executable,
+        "-m",
+        "your_ai.sweep",
+        f"sweep.storage={storage}",
+        f"paths.sweeps={workdir}/sweeps",
+        f"paths.profiles={workdir}/profiles",
+        "sweep.report=false",
+        *overrides,
+    ]
+
+
+def preloaded_blas(env: dict) -> str | None:
+    """How to name the BLAS of child processes started with `env`."""
+    return "openblas (preloaded in the measured processes)" if env.get("LD_PRELOAD") else None
+
+
 def command_line() -> str:
     return " ".join(["python", *sys.argv])
 

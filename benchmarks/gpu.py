@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import record, table  # noqa: E402
+from benchmarks.common import record, sweep_command, table  # noqa: E402
 
 MODEL = ["model=llama-3.1-8b", "model.random_weights=true", "training.max_seq_length=1024"]
 N_PARAMS = 8.03e9
@@ -88,21 +88,16 @@ def sweep(out: Path, spec: str) -> dict:
     tick = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "your_ai.sweep",
+            sweep_command(
+                out,
+                f"sqlite:///{out}/optuna.db",
                 *MODEL,
                 f"mode={mode}",
                 "sweep.max_memory_gb=28",
                 f"training.grad_checkpoint={checkpoint}",
                 f"sweep.dominance={'nodom' not in rest}",
-                f"sweep.storage=sqlite:///{out}/optuna.db",
                 f"sweep.study_name={name}",
-                f"paths.sweeps={out}/sweeps",
-                f"paths.profiles={out}/profiles",
-                "sweep.report=false",
-            ],
+            ),
             cwd=ROOT,
             stdout=f,
             stderr=subprocess.STDOUT,

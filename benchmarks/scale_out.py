@@ -17,25 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import command_line, record, table  # noqa: E402
+from benchmarks.common import command_line, record, sweep_command, table  # noqa: E402
 
 
 def run(url: str, workers: int, overrides: list[str]) -> tuple[float, str]:
 
     name = f"load-{workers}-{uuid.uuid4().hex[:6]}"
     tmp = Path(tempfile.mkdtemp(prefix="your_ai-load-"))
-    args = [
-        sys.executable,
-        "-m",
-        "your_ai.sweep",
-        "mode=full",
-        f"sweep.storage={url}",
-        f"sweep.study_name={name}",
-        f"paths.sweeps={tmp}",
-        f"paths.profiles={tmp}/p",
-        "sweep.report=false",
-        *overrides,
-    ]
+    args = sweep_command(tmp, url, "mode=full", f"sweep.study_name={name}", *overrides)
     tick = time.perf_counter()
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL) for _ in range(workers)]
     codes = [p.wait() for p in procs]

@@ -107,7 +107,7 @@ def main() -> None:
         print(json.dumps(measure(args.side, args.overrides, args.steps, args.warmup)))
         return
 
-    from benchmarks.common import command_line, record, table
+    from benchmarks.common import command_line, preloaded_blas, record, table
     from your_ai import blas
 
     env = {**os.environ, **blas.preload_env("auto"), "PYTHONPATH": ROOT}
@@ -165,9 +165,7 @@ def main() -> None:
         command_line(),
         body,
         where=Path(args.output) if args.output else None,
-        blas_name="openblas (preloaded in the measured processes)"
-        if env.get("LD_PRELOAD")
-        else None,
+        blas_name=preloaded_blas(env),
     )
 
 

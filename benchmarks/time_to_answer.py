@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import exhaustive  # noqa: E402
-from benchmarks.common import command_line, record, table  # noqa: E402
+from benchmarks.common import command_line, preloaded_blas, record, sweep_command, table  # noqa: E402
 
 
 def sweep(tmp: Path, name: str, *overrides: str) -> tuple[float, list]:
@@ -31,17 +31,7 @@ def sweep(tmp: Path, name: str, *overrides: str) -> tuple[float, list]:
     storage = f"sqlite:///{tmp}/optuna.db"
     tick = time.perf_counter()
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "your_ai.sweep",
-            f"sweep.storage={storage}",
-            f"sweep.study_name={name}",
-            f"paths.sweeps={tmp}/sweeps",
-            f"paths.profiles={tmp}/profiles",
-            "sweep.report=false",
-            *overrides,
-        ],
+        sweep_command(tmp, storage, f"sweep.study_name={name}", *overrides),
         check=True,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -220,9 +210,7 @@ def main() -> None:
         command_line(),
         body,
         where=Path(args.output) if args.output else None,
-        blas_name="openblas (preloaded in the measured processes)"
-        if env.get("LD_PRELOAD")
-        else None,
+        blas_name=preloaded_blas(env),
     )
 
 

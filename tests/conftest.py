@@ -1,6 +1,7 @@
 """Shared fixtures: configs composed with Hydra's compose API, every output under tmp_path."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,14 +23,24 @@ SMALL_GRID = [
 ]
 
 
-def isolated(tmp: Path) -> list[str]:
+def isolated(tmp: Path, storage: str | None = None) -> list[str]:
+    """Overrides that keep a run's storage, profiles and outputs under `tmp`."""
     return [
-        f"sweep.storage=sqlite:///{tmp}/optuna.db",
+        f"sweep.storage={storage or f'sqlite:///{tmp}/optuna.db'}",
         f"paths.sweeps={tmp}/sweeps",
         f"paths.profiles={tmp}/profiles",
         f"paths.output_dir={tmp}/run",
         "sweep.report=false",
     ]
+
+
+def limit_in_a_gap(peaks_mb: dict, gap_mb: float = 5) -> float:
+    """A memory limit (MB) in a gap between measured peaks, near the middle, so run-to-run noise
+    cannot move a configuration across it."""
+    ordered = sorted(peaks_mb.values())
+    gaps = [i for i in range(len(ordered) - 1) if ordered[i + 1] - ordered[i] > gap_mb]
+    cut = min(gaps, key=lambda i: abs(i - len(ordered) / 2))
+    return (ordered[cut] + ordered[cut + 1]) / 2
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "config"):
@@ -52,6 +63,13 @@ def command(module: str, *args: str) -> list[str]:
 
 def command_env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run_command(argv: list[str], timeout: float = 600, env: dict | None = None):
+    """Run a command line as a user types it, from the checkout, capturing its output."""
+    return subprocess.run(
+        argv, capture_output=True, text=True, cwd=ROOT, env=env or command_env(), timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")

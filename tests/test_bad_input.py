@@ -2,23 +2,15 @@
 
 import hashlib
 import json
-import subprocess
 
 import optuna
 import pytest
 
-from tests.conftest import ROOT, SMALL_GRID, command, command_env, isolated
+from tests.conftest import SMALL_GRID, command, isolated, run_command
 
 
 def run(module, tmp, *overrides):
-    return subprocess.run(
-        command(module, *isolated(tmp), *overrides),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=command_env(),
-        timeout=600,
-    )
+    return run_command(command(module, *isolated(tmp), *overrides), timeout=600)
 
 
 def last_line(proc) -> str:

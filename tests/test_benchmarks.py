@@ -1,12 +1,11 @@
 """Each benchmark script runs on a tiny setting and writes its table."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, command_env
+from tests.conftest import run_command
 
 TINY = [
     "sweep.grid.batch_size=[1,2]",
@@ -20,13 +19,10 @@ TINY = [
 
 def bench(tmp_path, script, *args, env=None):
     output = tmp_path / "BENCHMARKS.md"
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, f"benchmarks/{script}", "--output", str(output), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env or command_env(),
         timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = output.read_text()
@@ -85,7 +81,7 @@ def test_scale_out(tmp_path):
 @pytest.mark.slow
 def test_gpu_script_runs_on_the_cpu(tmp_path):
     output = tmp_path / "gpu"
-    proc = subprocess.run(
+    proc = run_command(
         [
             sys.executable,
             "benchmarks/gpu.py",
@@ -100,10 +96,6 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
             "--extra",
             " ".join(TINY[:-1]),
         ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=command_env(),
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,11 +1,10 @@
 """JSONL validation, streaming and batching."""
 
 import json
-import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, command, command_env
+from tests.conftest import ROOT, command, run_command
 from your_ai import data
 from your_ai.errors import UserError
 
@@ -70,17 +69,13 @@ def test_training_refuses_bad_data_with_one_line(tmp_path):
         tmp_path / "bad.jsonl",
         [json.dumps(GOOD)] * 3 + ['{"text": "x", "auth_weight": 2, "prov_entropy": 1}'],
     )
-    proc = subprocess.run(
+    proc = run_command(
         command(
             "your_ai.train",
             f"data.train_file={path}",
             f"hydra.run.dir={tmp_path}/run",
             "training.max_steps=2",
         ),
-        capture_output=True,
-        text=True,
-        env=command_env(),
-        cwd=ROOT,
         timeout=300,
     )
     assert proc.returncode == 2

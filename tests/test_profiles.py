@@ -1,10 +1,8 @@
 """Profiles that travel, and Hydra multirun comparing models."""
 
-import subprocess
-
 import pytest
 
-from tests.conftest import ROOT, SMALL_GRID, command, command_env
+from tests.conftest import SMALL_GRID, command, run_command
 from your_ai import export
 
 
@@ -15,14 +13,7 @@ def test_export_list_shows_each_profile_with_its_numbers(small_sweep, tmp_path):
     document = export.export(cfg, summary["study"])
     named = f"tiny-{document['measured']['hardware']}"
     assert sorted(p.stem for p in tmp_path.glob("*.yaml")) == sorted(["best", named])
-    proc = subprocess.run(
-        command("your_ai.export", "--list", str(tmp_path)),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=command_env(),
-        timeout=120,
-    )
+    proc = run_command(command("your_ai.export", "--list", str(tmp_path)), timeout=120)
     assert proc.returncode == 0
     best = summary["best"]
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
@@ -45,24 +36,12 @@ def test_multirun_runs_one_study_per_model_and_the_report_compares_them(tmp_path
         *SMALL_GRID,
         f"hydra.sweep.dir={tmp_path}/multirun",
     ]
-    proc = subprocess.run(
-        command("your_ai.sweep", "-m", "model=tiny,tiny-q4", "mode=quick", *common),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=command_env(),
-        timeout=600,
+    proc = run_command(
+        command("your_ai.sweep", "-m", "model=tiny,tiny-q4", "mode=quick", *common), timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("optimal:") == 2
-    report = subprocess.run(
-        command("your_ai.report", "+compare=all", *common[:-1]),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=command_env(),
-        timeout=300,
-    )
+    report = run_command(command("your_ai.report", "+compare=all", *common[:-1]), timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     table = (tmp_path / "comparison.md").read_text()
     assert "tiny-quick" in table and "tiny-q4-quick" in table

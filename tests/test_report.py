@@ -2,7 +2,6 @@
 
 import io
 import re
-import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,7 @@ import yaml
 from optuna.trial import TrialState
 from PIL import Image
 
-from tests.conftest import ROOT, command, command_env, compose_config, isolated
+from tests.conftest import command, compose_config, isolated, run_command
 from your_ai import report, study, sweep
 from your_ai.errors import UserError
 
@@ -167,7 +166,7 @@ def test_missing_study_is_a_user_error(swept):
 @pytest.mark.slow
 def test_command_line(swept):
     out = swept.tmp / "cli"
-    proc = subprocess.run(
+    proc = run_command(
         command(
             "your_ai.report",
             f"sweep.storage=sqlite:///{swept.tmp}/optuna.db",
@@ -175,10 +174,6 @@ def test_command_line(swept):
             "sweep.study_name=limited",
             f"hydra.run.dir={swept.tmp}/hydra",
         ),
-        capture_output=True,
-        text=True,
-        env=command_env(),
-        cwd=ROOT,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

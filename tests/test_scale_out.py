@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, command, command_env
+from tests.conftest import ROOT, command, command_env, isolated, limit_in_a_gap
 from tests.test_sweep import SPREAD_GRID, measured_once, wait_for
 from your_ai import study
 
@@ -34,24 +34,14 @@ def spread_limit(tmp_path_factory):
     finish(workers(tmp, f"sqlite:///{tmp}/optuna.db", "free", 1, *SPREAD_GRID, "sweep.margin=0"))
     free = optuna.load_study(study_name="free", storage=f"sqlite:///{tmp}/optuna.db")
     peaks = {tuple(sorted(t.params.items())): t.user_attrs["peak_memory_mb"] for t in free.trials}
-    ordered = sorted(peaks.values())
-    gaps = [i for i in range(len(ordered) - 1) if ordered[i + 1] - ordered[i] > 5]
-    cut = min(gaps, key=lambda i: abs(i - len(ordered) / 2))
-    limit_mb = (ordered[cut] + ordered[cut + 1]) / 2
+    limit_mb = limit_in_a_gap(peaks)
     pruned = {k for k, v in peaks.items() if v > limit_mb}
     fitting = [dict(k) for k in peaks if k not in pruned]
     return limit_mb / 1000, pruned, max(study.score(p) for p in fitting)
 
 
 def workers(tmp, storage, name, count, *extra):
-    overrides = [
-        f"sweep.storage={storage}",
-        f"sweep.study_name={name}",
-        f"paths.sweeps={tmp}",
-        f"paths.profiles={tmp}/profiles",
-        "sweep.report=false",
-        *extra,
-    ]
+    overrides = [*isolated(tmp, storage), f"sweep.study_name={name}", *extra]
     return [
         subprocess.Popen(
             command("your_ai.sweep", *overrides),

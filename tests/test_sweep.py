@@ -12,7 +12,16 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, SMALL_GRID, command, command_env, compose_config, isolated
+from tests.conftest import (
+    ROOT,
+    SMALL_GRID,
+    command,
+    command_env,
+    compose_config,
+    isolated,
+    limit_in_a_gap,
+    run_command,
+)
 from your_ai import models, study, sweep, trial
 
 SPREAD_GRID = [
@@ -45,14 +54,7 @@ def measured_once(st) -> dict:
 
 @pytest.mark.slow
 def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path):
-    proc = subprocess.run(
-        sweep_command(tmp_path, "mode=quick"),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=command_env(),
-        timeout=600,
-    )
+    proc = run_command(sweep_command(tmp_path, "mode=quick"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     header = out.splitlines()[0]
@@ -107,14 +109,7 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
     assert len(hardware["all_results"]) == 12 and hardware["hardware"]["backend"] == "cpu"
 
     # Rerunning the same command measures nothing again.
-    again = subprocess.run(
-        sweep_command(tmp_path, "mode=quick"),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=command_env(),
-        timeout=600,
-    )
+    again = run_command(sweep_command(tmp_path, "mode=quick"), timeout=600)
     assert again.returncode == 0 and "✓" not in again.stdout
     assert len(load(tmp_path, "tiny-quick").trials) == 12
 
@@ -127,10 +122,7 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):
         tuple(sorted(t.params.items())): t.user_attrs["peak_memory_mb"]
         for t in sweep.run(free)["study"].trials
     }
-    ordered = sorted(peaks.values())
-    gaps = [i for i in range(len(ordered) - 1) if ordered[i + 1] - ordered[i] > 5]
-    cut = min(gaps, key=lambda i: abs(i - len(ordered) / 2))
-    limit_mb = (ordered[cut] + ordered[cut + 1]) / 2
+    limit_mb = limit_in_a_gap(peaks)
     expected_pruned = {k for k, v in peaks.items() if v > limit_mb}
     assert 0 < len(expected_pruned) < len(peaks)
 
@@ -212,14 +204,7 @@ def test_sweep_killed_mid_trial_then_rerun_measures_every_point_once(tmp_path):
     proc.wait()
     assert load(tmp_path, "killed").trials[victim.number].state == TrialState.RUNNING
 
-    rerun = subprocess.run(
-        sweep_command(tmp_path, *SLOW_GRID),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=command_env(),
-        timeout=600,
-    )
+    rerun = run_command(sweep_command(tmp_path, *SLOW_GRID), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"retrying trials of a sweep that died: [{victim.number}]" in rerun.stdout
     st = load(tmp_path, "killed")

@@ -13,18 +13,13 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
-from tests.conftest import ROOT, command, command_env
+from tests.conftest import ROOT, command, command_env, run_command
 from your_ai import checkpoint, export, train
 
 
 def run_train(tmp_path, *overrides, check=True):
-    proc = subprocess.run(
-        command("your_ai.train", f"hydra.run.dir={tmp_path}", *overrides),
-        capture_output=True,
-        text=True,
-        env=command_env(),
-        cwd=ROOT,
-        timeout=600,
+    proc = run_command(
+        command("your_ai.train", f"hydra.run.dir={tmp_path}", *overrides), timeout=600
     )
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
