@@ -44,7 +44,7 @@ def step_flops(batch: int, layers: int, seq: int, checkpoint: bool) -> float:
     return 2 * N_PARAMS * tokens + backward + recompute
 
 
-def mfu(out: Path, peak_tflops: float, checkpoint: bool) -> dict:
+def mfu(out: Path, peak_tflops: float, checkpoint: bool, compute_dtype: str) -> dict:
     from hydra import compose, initialize_config_dir
 
     import your_ai
@@ -59,6 +59,7 @@ def mfu(out: Path, peak_tflops: float, checkpoint: bool) -> dict:
                 "sweep.warmup_steps=3",
                 "sweep.early_stop=false",
                 f"training.grad_checkpoint={checkpoint}",
+                f"lora.compute_dtype={compute_dtype}",
             ],
         )
     tick = time.perf_counter()
@@ -70,6 +71,7 @@ def mfu(out: Path, peak_tflops: float, checkpoint: bool) -> dict:
     achieved = flops / result["step_time_s"] / 1e12
     return {
         "checkpoint": checkpoint,
+        "compute_dtype": compute_dtype,
         "step_s": result["step_time_s"],
         "tflops": achieved,
         "mfu": achieved / peak_tflops,
@@ -173,7 +175,11 @@ def main() -> None:
         results["matmul_tflops"] = matmul_tflops(args.size)
         print("matmul", results["matmul_tflops"], flush=True)
     if "mfu" in parts:
-        results["mfu"] = [mfu(out, results["matmul_tflops"], c) for c in (False, True)]
+        results["mfu"] = [
+            mfu(out, results["matmul_tflops"], c, dtype)
+            for dtype in ("float32", "input")
+            for c in (False, True)
+        ]
         print(results["mfu"], flush=True)
     for spec in parts:
         if spec.startswith(("quick-", "full-")):
@@ -220,7 +226,8 @@ def main() -> None:
         body += f"- bf16 matmul 8192^3: {results['matmul_tflops']:.0f} TFLOP/s\n"
     for m in results.get("mfu", []):
         body += (
-            f"- batch 4, rank 128, layers 24, seq 1024, checkpointing {m['checkpoint']}: "
+            f"- batch 4, rank 128, layers 24, seq 1024, checkpointing {m['checkpoint']}, "
+            f"lora.compute_dtype {m['compute_dtype']}: "
             f"{m['step_s']:.3f} s/step, {m['tflops']:.0f} TFLOP/s, MFU {m['mfu']:.1%}, "
             f"peak {m['peak_gb']:.1f} GB, first step {m['first_step_s']:.1f} s\n"
         )

@@ -48,7 +48,11 @@ def measure(side: str, overrides: list[str], steps: int, warmup: int) -> dict:
     mx.reset_peak_memory()
     if side == "ours":
         step.apply_lora(
-            model, int(cfg.lora.num_layers), params, bool(cfg.training.grad_checkpoint)
+            model,
+            int(cfg.lora.num_layers),
+            params,
+            bool(cfg.training.grad_checkpoint),
+            str(cfg.lora.compute_dtype),
         )
         optimizer = step.make_optimizer(cfg.training, steps)
         train_step = step.make_step(model, optimizer, cfg)

@@ -8,10 +8,12 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_map, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
 from omegaconf import DictConfig
 
+from your_ai import attention, device
 from your_ai.errors import UserError
 from your_ai.loss import distrust_term, loss_fn
 
@@ -30,6 +32,44 @@ def lora_parameters(lora: DictConfig, rank: int | None = None) -> dict:
         "dropout": float(lora.dropout),
         "keys": list(lora["keys"]),
     }
+
+
+class CastLoRALinear(LoRALinear):
+    """mlx-lm's LoRALinear computing in the input's dtype.
+
+    The adapter weights stay float32 (the optimizer updates them there), but multiplying a bf16
+    activation by them promotes the LoRA matmuls, forward and backward, to float32, which is
+    slower than bf16 on a GPU. For a float32 model nothing changes. Parameters and adapter files
+    are those of LoRALinear.
+    """
+
+    @classmethod
+    def from_lora(cls, lora: LoRALinear) -> "CastLoRALinear":
+        # Not through __init__, which would draw a fresh base weight of the layer's full size.
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.linear, layer.dropout, layer.scale = lora.linear, lora.dropout, lora.scale
+        layer.lora_a, layer.lora_b = lora.lora_a, lora.lora_b
+        return layer
+
+    def __call__(self, x):
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + (self.scale * z).astype(x.dtype)
+
+
+COMPUTE_DTYPES = ("float32", "input")
+
+
+def _cast_lora_layers(model: nn.Module) -> None:
+    for layer in model.layers:
+        found = [
+            (name, CastLoRALinear.from_lora(module))
+            for name, module in layer.named_modules()
+            if type(module) is LoRALinear
+        ]
+        if found:
+            layer.update_modules(tree_unflatten(found))
 
 
 def _allow_checkpoint(layer_class: type) -> None:
@@ -57,12 +97,27 @@ def _allow_checkpoint(layer_class: type) -> None:
     _CHECKPOINT_PATCHED.add(layer_class)
 
 
-def apply_lora(model: nn.Module, num_layers: int, params: dict, grad_checkpoint: bool) -> int:
-    """LoRA on the last `num_layers` layers; returns the number of trainable parameters."""
+def apply_lora(
+    model: nn.Module,
+    num_layers: int,
+    params: dict,
+    grad_checkpoint: bool,
+    compute_dtype: str = "float32",
+) -> int:
+    """LoRA on the last `num_layers` layers; returns the number of trainable parameters.
+
+    compute_dtype "input" runs the LoRA matmuls in the activations' dtype (CastLoRALinear).
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        choices = ", ".join(COMPUTE_DTYPES)
+        raise UserError(f"lora.compute_dtype={compute_dtype} is not one of {choices}")
     total = len(model.layers)
     if not 0 < num_layers <= total:
         raise UserError(f"lora.num_layers={num_layers} is outside 1..{total} (the model's layers)")
     linear_to_lora_layers(model, num_layers, params)
+    if compute_dtype == "input":
+        _cast_lora_layers(model)
+    attention.use_for_training(model, device.backend())
     converted = sum(
         1 for layer in model.layers for _, m in layer.named_modules() if hasattr(m, "lora_a")
     )

@@ -96,7 +96,11 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     lora_params = step.lora_parameters(cfg.lora)
     mx.random.seed(int(cfg.seed))  # the same LoRA initialisation on every run of this config
     trainable = step.apply_lora(
-        model, int(cfg.lora.num_layers), lora_params, bool(training.grad_checkpoint)
+        model,
+        int(cfg.lora.num_layers),
+        lora_params,
+        bool(training.grad_checkpoint),
+        str(cfg.lora.compute_dtype),
     )
     max_steps = int(training.max_steps)
     optimizer = step.make_optimizer(training, max_steps)

@@ -71,6 +71,7 @@ def measure(
             int(run_cfg.lora.num_layers),
             step.lora_parameters(run_cfg.lora),
             bool(run_cfg.training.grad_checkpoint),
+            str(run_cfg.lora.compute_dtype),
         )
         optimizer = step.make_optimizer(run_cfg.training, int(sweep.steps))
         train_step = step.make_step(model, optimizer, run_cfg)

@@ -1,0 +1,142 @@
+"""Causal self-attention for training steps.
+
+mlx-lm's models call `mx.fast.scaled_dot_product_attention`. Its forward pass is fused on every
+backend, but in MLX 0.32 its gradient is the unfused composition of ops over the full L x L score
+matrix, masked half included; on an H100 that backward pass took a third of an 8B LoRA step.
+Here the forward pass stays fused on a GPU, and the backward pass recomputes the scores one query
+block at a time against only the keys that block can see, in layouts the GPU's batched matmul
+takes without copies. On the CPU, where nothing is fused, the forward pass is blocked the same
+way and uses the vectorised softmax of `cpu_ops`.
+"""
+
+import math
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from your_ai import cpu_ops
+
+# Query rows per block: small enough to skip most of the masked half, large enough to keep the
+# matmuls efficient on each backend.
+CPU_QUERY_BLOCK = 64
+GPU_QUERY_BLOCK = 256
+
+
+def _visible(start: int, stop: int, repeats: int = 1) -> mx.array:
+    """Causal mask of queries start..stop-1 (tiled `repeats` times) against keys 0..stop-1."""
+    rows = mx.arange(start, stop)
+    if repeats > 1:
+        rows = mx.tile(rows, repeats)
+    return rows[:, None] >= mx.arange(stop)[None]
+
+
+def cpu_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """(B, H, L, D) queries against (B, H_kv, L, D) keys and values; differentiable by MLX."""
+    batch, heads, length, dim = q.shape
+    groups = k.shape[1]
+    q = (q * scale).reshape(batch, groups, heads // groups, length, dim)
+    k, v = k[:, :, None], v[:, :, None]
+    outputs = []
+    for start in range(0, length, CPU_QUERY_BLOCK):
+        stop = min(start + CPU_QUERY_BLOCK, length)
+        scores = q[..., start:stop, :] @ k[..., :stop, :].swapaxes(-1, -2)
+        scores = mx.where(_visible(start, stop), scores, -math.inf)
+        outputs.append(cpu_ops.softmax(scores) @ v[..., :stop, :])
+    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=-2)
+    return out.reshape(batch, heads, length, dim)
+
+
+def _blocked_backward(q, k, v, out, d_out, scale):
+    """Gradients of causal attention for q (B, H, L, D) and k, v (B, H_kv, L, D).
+
+    Query heads sharing a key head are stacked along the rows, so each product is one batched
+    matmul over (B, H_kv), and the sums over those heads fall out of the contractions.
+    """
+    batch, heads, length, dim = q.shape
+    groups = k.shape[1]
+    repeats = heads // groups
+    f32 = mx.float32
+    # Row sums of dO * O: the softmax gradient's correction, one per query.
+    delta = mx.sum(d_out.astype(f32) * out.astype(f32), axis=-1)
+    q5 = q.reshape(batch, groups, repeats, length, dim)
+    do5 = d_out.reshape(batch, groups, repeats, length, dim)
+    delta = delta.reshape(batch, groups, repeats, length)
+    k, v = mx.contiguous(k), mx.contiguous(v)
+    d_q, d_k, d_v = [], mx.zeros(k.shape, f32), mx.zeros(v.shape, f32)
+    for start in range(0, length, GPU_QUERY_BLOCK):
+        stop = min(start + GPU_QUERY_BLOCK, length)
+        rows = repeats * (stop - start)
+        q_i = q5[..., start:stop, :].reshape(batch, groups, rows, dim)
+        do_i = do5[..., start:stop, :].reshape(batch, groups, rows, dim)
+        delta_i = delta[..., start:stop].reshape(batch, groups, rows, 1)
+        k_i, v_i = k[..., :stop, :], v[..., :stop, :]
+        scores = (q_i @ k_i.swapaxes(-1, -2)).astype(f32) * scale
+        scores = mx.where(_visible(start, stop, repeats), scores, -math.inf)
+        p = mx.softmax(scores, axis=-1)
+        d_p = (do_i @ v_i.swapaxes(-1, -2)).astype(f32)
+        d_s = (p * (d_p - delta_i)).astype(q.dtype)
+        p = p.astype(q.dtype)
+        pad = [(0, 0), (0, 0), (0, length - stop), (0, 0)]
+        d_v = d_v + mx.pad((p.swapaxes(-1, -2) @ do_i).astype(f32), pad)
+        d_k = d_k + mx.pad((d_s.swapaxes(-1, -2) @ q_i).astype(f32) * scale, pad)
+        d_q.append((d_s @ k_i).reshape(batch, groups, repeats, stop - start, dim))
+    d_q = mx.concatenate(d_q, axis=3) if len(d_q) > 1 else d_q[0]
+    d_q = (d_q.astype(f32) * scale).reshape(batch, heads, length, dim)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+_GPU_ATTENTION: dict[float, mx.custom_function] = {}
+
+
+def gpu_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """MLX's fused causal attention with the blocked backward pass."""
+    if scale not in _GPU_ATTENTION:
+
+        @mx.custom_function
+        def attention(q, k, v):
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+
+        @attention.vjp
+        def attention_vjp(primals, cotangent, output):
+            return _blocked_backward(*primals, output, cotangent, scale)
+
+        _GPU_ATTENTION[scale] = attention
+    return _GPU_ATTENTION[scale](q, k, v)
+
+
+def _training_attention(original, causal):
+    def attention(queries, keys, values, cache, scale, mask, sinks=None):
+        self_attention = queries.shape[-2] == keys.shape[-2]
+        if cache is None and sinks is None and isinstance(mask, str) and self_attention:
+            if mask == "causal":
+                return causal(queries, keys, values, scale)
+        return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+    attention.original = original
+    return attention
+
+
+def use_for_training(model: nn.Module, backend: str) -> bool:
+    """Route the model's causal self-attention (and, on the CPU, its SwiGLU) through this module.
+
+    mlx-lm's model modules import `scaled_dot_product_attention` and `swiglu` by name, so those
+    names are replaced in the modules that define the model's layers; a cache, an explicit mask or
+    attention sinks still go to mlx-lm's own function, so generation is unchanged. Metal keeps
+    MLX's kernels. Returns whether anything was routed.
+    """
+    causal = {"cpu": cpu_causal_attention, "cuda": gpu_causal_attention}.get(backend)
+    if causal is None:
+        return False
+    applied = False
+    for name in {type(m).__module__ for m in model.modules()}:
+        module = sys.modules[name]
+        current = getattr(module, "scaled_dot_product_attention", None)
+        if current is not None:
+            original = getattr(current, "original", current)
+            module.scaled_dot_product_attention = _training_attention(original, causal)
+            applied = True
+        if backend == "cpu" and getattr(module, "swiglu", None) is not None:
+            module.swiglu = cpu_ops.swiglu
+            applied = True
+    return applied
