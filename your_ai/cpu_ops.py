@@ -3,8 +3,8 @@
 On x86 Linux, MLX's CPU `exp` (and with it softmax, sigmoid and SiLU) runs one element at a time,
 about 10 ns each, while the arithmetic of a compiled graph is fused and vectorised: a causal
 attention of a small model then spends most of a training step in softmax. Here exp is written in
-that fused arithmetic (a range reduction to 2^n * 2^f and a degree-6 polynomial, within 3e-7 of
-`mx.exp`), and softmax and SwiGLU get their gradients written out.
+that fused arithmetic (a range reduction to 2^n * 2^f and a degree-6 polynomial, as accurate as
+`mx.exp` to within 2e-7 relative), and softmax and SwiGLU get their gradients written out.
 """
 
 import mlx.core as mx

@@ -1,0 +1,165 @@
+"""The training step's attention, softmax and SwiGLU against MLX's own, values and gradients."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from your_ai import attention, cpu_ops, loss, models, step
+
+
+def reference(q, k, v, scale):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+
+
+def value_and_grads(fn, q, k, v, scale, weights):
+    def objective(q, k, v):
+        return (fn(q, k, v, scale) * weights).astype(mx.float32).sum()
+
+    out = fn(q, k, v, scale)
+    grads = mx.grad(objective, argnums=(0, 1, 2))(q, k, v)
+    return out, grads
+
+
+def relative_error(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# (batch, query heads, key heads, length, head dim, query block): grouped and plain heads,
+# lengths that are and are not a multiple of the block, one block only.
+SHAPES = [(2, 4, 2, 100, 16, 32), (1, 8, 8, 64, 8, 64), (2, 8, 2, 130, 32, 64), (1, 4, 1, 24, 8, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("path", ["cpu", "gpu"])
+def test_causal_attention_matches_mlx(shape, path, monkeypatch):
+    batch, heads, kv_heads, length, dim, block = shape
+    monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", block)
+    monkeypatch.setattr(attention, "GPU_QUERY_BLOCK", block)
+    mx.random.seed(1)
+    # Queries as the models make them: a transposed, non-contiguous view.
+    q = mx.random.normal((batch, length, heads, dim)).transpose(0, 2, 1, 3)
+    k = mx.random.normal((batch, kv_heads, length, dim))
+    v = mx.random.normal((batch, kv_heads, length, dim))
+    weights = mx.random.normal((batch, heads, length, dim))
+    fn = attention.cpu_causal_attention if path == "cpu" else attention.gpu_causal_attention
+    out, grads = value_and_grads(fn, q, k, v, dim**-0.5, weights)
+    ref_out, ref_grads = value_and_grads(reference, q, k, v, dim**-0.5, weights)
+    assert relative_error(out, ref_out) < 1e-5
+    for name, grad, ref in zip("qkv", grads, ref_grads):
+        assert grad.shape == ref.shape and grad.dtype == ref.dtype
+        assert relative_error(grad, ref) < 1e-5, name
+
+
+def test_blocked_backward_in_bfloat16_keeps_dtypes():
+    mx.random.seed(2)
+    q, k, v = (mx.random.normal((1, 4, 96, 16)).astype(mx.bfloat16) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    weights = mx.random.normal(q.shape).astype(mx.bfloat16)
+    _, grads = value_and_grads(attention.gpu_causal_attention, q, k, v, 0.25, weights)
+    _, ref_grads = value_and_grads(reference, q, k, v, 0.25, weights)
+    for grad, ref in zip(grads, ref_grads):
+        assert grad.dtype == mx.bfloat16
+        assert relative_error(grad, ref) < 2e-2  # bf16 rounding
+
+
+def test_fast_exp_is_as_accurate_as_mx_exp():
+    for bound in (1.0, 10.0, 87.0):
+        x = mx.linspace(-bound, bound, 100_001)
+        exact = np.exp(np.array(x, dtype=np.float64))
+
+        def error(values) -> float:
+            return float(np.max(np.abs(np.array(values) - exact) / exact))
+
+        assert error(cpu_ops.fast_exp(x)) < error(mx.exp(x)) + 2e-7, bound
+    edges = np.array(cpu_ops.fast_exp(mx.array([-1e4, -mx.inf, -100.0, 0.0])))
+    assert edges.tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_softmax_and_swiglu_match_mlx():
+    mx.random.seed(3)
+    x = mx.random.normal((3, 7, 50)) * 6
+    g = mx.random.normal(x.shape)
+    got = mx.grad(lambda x: (cpu_ops.softmax(x) * g).sum())(x)
+    want = mx.grad(lambda x: (mx.softmax(x, axis=-1, precise=True) * g).sum())(x)
+    assert relative_error(cpu_ops.softmax(x), mx.softmax(x, axis=-1)) < 1e-6
+    assert relative_error(got, want) < 1e-5
+    gate, up = mx.random.normal((4, 33)) * 8, mx.random.normal((4, 33))
+
+    def reference_swiglu(gate, up):
+        return nn.silu(gate) * up
+
+    for fn in (cpu_ops.swiglu, reference_swiglu):
+        assert relative_error(fn(gate, up), reference_swiglu(gate, up)) < 1e-6
+    grads = mx.grad(lambda a, b: (cpu_ops.swiglu(a, b) * g[0, :4, :33]).sum(), argnums=(0, 1))
+    ref_grads = mx.grad(lambda a, b: (reference_swiglu(a, b) * g[0, :4, :33]).sum(), argnums=(0, 1))
+    for got, want in zip(grads(gate, up), ref_grads(gate, up)):
+        assert relative_error(got, want) < 1e-5
+
+
+def loss_and_grads(cfg, routed: bool, compute_dtype: str):
+    loaded = models.load(cfg.model, cfg.paths.models)
+    model = loaded.model
+    mx.random.seed(0)
+    if not routed:
+        # The model's own attention: undo any routing left by an earlier model in this process.
+        for module in {type(m).__module__ for m in model.modules()}:
+            import sys
+
+            current = getattr(sys.modules[module], "scaled_dot_product_attention", None)
+            if current is not None:
+                sys.modules[module].scaled_dot_product_attention = getattr(
+                    current, "original", current
+                )
+    use = attention.use_for_training
+    try:
+        if not routed:
+            attention.use_for_training = lambda model, backend: False
+        step.apply_lora(model, 4, step.lora_parameters(cfg.lora), False, compute_dtype)
+    finally:
+        attention.use_for_training = use
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_b"):
+            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.02
+    tokens = mx.array(np.random.default_rng(0).integers(0, 256, size=(2, 40), dtype=np.int32))
+    args = (tokens, mx.array([40, 31]), mx.array([0.2, 0.9]), mx.array([1.0, 3.0]))
+
+    def objective(model, *args):
+        return loss.loss_fn(model, *args, alpha=2.7, lambda_weight=0.6, mode="weighted")
+
+    (value, _, _), grads = nn.value_and_grad(model, objective)(model, *args)
+    return value.item(), dict(tree_flatten(grads))
+
+
+def test_routed_model_trains_like_mlx_lm(tmp_path):
+    """The whole model: loss and every LoRA gradient as with mlx-lm's own attention and SwiGLU."""
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"paths.models={tmp_path}/models"])
+    ref_value, ref_grads = loss_and_grads(cfg, routed=False, compute_dtype="float32")
+    for compute_dtype in ("float32", "input"):
+        value, grads = loss_and_grads(cfg, routed=True, compute_dtype=compute_dtype)
+        assert value == pytest.approx(ref_value, rel=1e-6)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            assert relative_error(grads[name], ref_grads[name]) < 1e-4, name
+    # Generation goes through a cache, which stays with mlx-lm's attention.
+    loaded = models.load(cfg.model, cfg.paths.models)
+    step.apply_lora(loaded.model, 4, step.lora_parameters(cfg.lora), False)
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(loaded.model)
+    logits = loaded.model(mx.array([[1, 2, 3]]), cache=cache)
+    assert logits.shape == (1, 3, 260)
+
+
+def test_unknown_compute_dtype_is_a_user_error(tmp_path):
+    from tests.conftest import compose_config
+    from your_ai.errors import UserError
+
+    cfg = compose_config([f"paths.models={tmp_path}/models"])
+    loaded = models.load(cfg.model, cfg.paths.models)
+    with pytest.raises(UserError, match="lora.compute_dtype=half"):
+        step.apply_lora(loaded.model, 4, step.lora_parameters(cfg.lora), False, "half")
