@@ -1,5 +1,7 @@
 """The training step's attention, softmax and SwiGLU against MLX's own, values and gradients."""
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -29,7 +31,12 @@ def relative_error(a, b) -> float:
 
 # (batch, query heads, key heads, length, head dim, query block): grouped and plain heads,
 # lengths that are and are not a multiple of the block, one block only.
-SHAPES = [(2, 4, 2, 100, 16, 32), (1, 8, 8, 64, 8, 64), (2, 8, 2, 130, 32, 64), (1, 4, 1, 24, 8, 64)]
+SHAPES = [
+    (2, 4, 2, 100, 16, 32),
+    (1, 8, 8, 64, 8, 64),
+    (2, 8, 2, 130, 32, 64),
+    (1, 4, 1, 24, 8, 64),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -48,7 +55,7 @@ def test_causal_attention_matches_mlx(shape, path, monkeypatch):
     out, grads = value_and_grads(fn, q, k, v, dim**-0.5, weights)
     ref_out, ref_grads = value_and_grads(reference, q, k, v, dim**-0.5, weights)
     assert relative_error(out, ref_out) < 1e-5
-    for name, grad, ref in zip("qkv", grads, ref_grads):
+    for name, grad, ref in zip("qkv", grads, ref_grads, strict=True):
         assert grad.shape == ref.shape and grad.dtype == ref.dtype
         assert relative_error(grad, ref) < 1e-5, name
 
@@ -60,20 +67,19 @@ def test_blocked_backward_in_bfloat16_keeps_dtypes():
     weights = mx.random.normal(q.shape).astype(mx.bfloat16)
     _, grads = value_and_grads(attention.gpu_causal_attention, q, k, v, 0.25, weights)
     _, ref_grads = value_and_grads(reference, q, k, v, 0.25, weights)
-    for grad, ref in zip(grads, ref_grads):
+    for grad, ref in zip(grads, ref_grads, strict=True):
         assert grad.dtype == mx.bfloat16
         assert relative_error(grad, ref) < 2e-2  # bf16 rounding
 
 
 def test_fast_exp_is_as_accurate_as_mx_exp():
+    def error(values, exact) -> float:
+        return float(np.max(np.abs(np.array(values) - exact) / exact))
+
     for bound in (1.0, 10.0, 87.0):
         x = mx.linspace(-bound, bound, 100_001)
         exact = np.exp(np.array(x, dtype=np.float64))
-
-        def error(values) -> float:
-            return float(np.max(np.abs(np.array(values) - exact) / exact))
-
-        assert error(cpu_ops.fast_exp(x)) < error(mx.exp(x)) + 2e-7, bound
+        assert error(cpu_ops.fast_exp(x), exact) < error(mx.exp(x), exact) + 2e-7, bound
     edges = np.array(cpu_ops.fast_exp(mx.array([-1e4, -mx.inf, -100.0, 0.0])))
     assert edges.tolist() == [0.0, 0.0, 0.0, 1.0]
 
@@ -93,34 +99,38 @@ def test_softmax_and_swiglu_match_mlx():
 
     for fn in (cpu_ops.swiglu, reference_swiglu):
         assert relative_error(fn(gate, up), reference_swiglu(gate, up)) < 1e-6
-    grads = mx.grad(lambda a, b: (cpu_ops.swiglu(a, b) * g[0, :4, :33]).sum(), argnums=(0, 1))
-    ref_grads = mx.grad(lambda a, b: (reference_swiglu(a, b) * g[0, :4, :33]).sum(), argnums=(0, 1))
-    for got, want in zip(grads(gate, up), ref_grads(gate, up)):
+    weights = g[0, :4, :33]
+    grads = mx.grad(lambda a, b: (cpu_ops.swiglu(a, b) * weights).sum(), argnums=(0, 1))
+    ref_grads = mx.grad(lambda a, b: (reference_swiglu(a, b) * weights).sum(), argnums=(0, 1))
+    for got, want in zip(grads(gate, up), ref_grads(gate, up), strict=True):
         assert relative_error(got, want) < 1e-5
 
 
-def loss_and_grads(cfg, routed: bool, compute_dtype: str):
+def unroute(model) -> None:
+    """Give the model's modules back mlx-lm's attention and SwiGLU."""
+    from mlx_lm.models import activations
+
+    for name in {type(m).__module__ for m in model.modules()}:
+        module = sys.modules[name]
+        current = getattr(module, "scaled_dot_product_attention", None)
+        if current is not None:
+            module.scaled_dot_product_attention = getattr(current, "original", current)
+        if getattr(module, "swiglu", None) is not None:
+            module.swiglu = activations.swiglu
+
+
+def loss_and_grads(cfg, routed: bool, compute_dtype: str, monkeypatch):
     loaded = models.load(cfg.model, cfg.paths.models)
     model = loaded.model
     mx.random.seed(0)
-    if not routed:
-        # The model's own attention: undo any routing left by an earlier model in this process.
-        for module in {type(m).__module__ for m in model.modules()}:
-            import sys
-
-            current = getattr(sys.modules[module], "scaled_dot_product_attention", None)
-            if current is not None:
-                sys.modules[module].scaled_dot_product_attention = getattr(
-                    current, "original", current
-                )
-    use = attention.use_for_training
-    try:
+    with monkeypatch.context() as patch:
         if not routed:
-            attention.use_for_training = lambda model, backend: False
+            unroute(model)
+            patch.setattr(attention, "use_for_training", lambda model, backend: False)
         step.apply_lora(model, 4, step.lora_parameters(cfg.lora), False, compute_dtype)
-    finally:
-        attention.use_for_training = use
-    for name, module in model.named_modules():
+    routed_now = sys.modules[type(model).__module__].scaled_dot_product_attention
+    assert hasattr(routed_now, "original") == routed
+    for _, module in model.named_modules():
         if hasattr(module, "lora_b"):
             module.lora_b = mx.random.normal(module.lora_b.shape) * 0.02
     tokens = mx.array(np.random.default_rng(0).integers(0, 256, size=(2, 40), dtype=np.int32))
@@ -133,14 +143,14 @@ def loss_and_grads(cfg, routed: bool, compute_dtype: str):
     return value.item(), dict(tree_flatten(grads))
 
 
-def test_routed_model_trains_like_mlx_lm(tmp_path):
+def test_routed_model_trains_like_mlx_lm(tmp_path, monkeypatch):
     """The whole model: loss and every LoRA gradient as with mlx-lm's own attention and SwiGLU."""
     from tests.conftest import compose_config
 
     cfg = compose_config([f"paths.models={tmp_path}/models"])
-    ref_value, ref_grads = loss_and_grads(cfg, routed=False, compute_dtype="float32")
+    ref_value, ref_grads = loss_and_grads(cfg, False, "float32", monkeypatch)
     for compute_dtype in ("float32", "input"):
-        value, grads = loss_and_grads(cfg, routed=True, compute_dtype=compute_dtype)
+        value, grads = loss_and_grads(cfg, True, compute_dtype, monkeypatch)
         assert value == pytest.approx(ref_value, rel=1e-6)
         assert grads.keys() == ref_grads.keys()
         for name in grads:
