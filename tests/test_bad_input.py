@@ -38,6 +38,10 @@ def digest(path) -> str:
         ),
         (["sweep.margin=1.5"], "error: sweep.margin=1.5 is outside [0, 1)"),
         (
+            ["lora.compute_dtype=half"],
+            "error: lora.compute_dtype=half is not one of float32, input",
+        ),
+        (
             ["sweep.objective=speed"],
             "error: sweep.objective=speed is not one of score, tokens_per_sec",
         ),

@@ -10,3 +10,7 @@ CONF_DIR = PROJECT_ROOT / "conf"
 # Registered on import so that the compose API and every entry point resolve `${project_root:}`.
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+# lora.compute_dtype: "float32" promotes the LoRA matmuls as mlx-lm does, "input" keeps the
+# activations' dtype. Here because the sweep checks it without importing MLX.
+LORA_COMPUTE_DTYPES = ("float32", "input")

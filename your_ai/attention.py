@@ -107,10 +107,9 @@ def gpu_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) ->
 
 def _training_attention(original, causal):
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
-        self_attention = queries.shape[-2] == keys.shape[-2]
-        if cache is None and sinks is None and isinstance(mask, str) and self_attention:
-            if mask == "causal":
-                return causal(queries, keys, values, scale)
+        causal_mask = isinstance(mask, str) and mask == "causal"
+        if causal_mask and cache is None and sinks is None and queries.shape[2] == keys.shape[2]:
+            return causal(queries, keys, values, scale)
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
     attention.original = original

@@ -13,7 +13,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
 from omegaconf import DictConfig
 
-from your_ai import attention, device
+from your_ai import LORA_COMPUTE_DTYPES, attention, device
 from your_ai.errors import UserError
 from your_ai.loss import distrust_term, loss_fn
 
@@ -56,9 +56,6 @@ class CastLoRALinear(LoRALinear):
         y = self.linear(x)
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + (self.scale * z).astype(x.dtype)
-
-
-COMPUTE_DTYPES = ("float32", "input")
 
 
 def _cast_lora_layers(model: nn.Module) -> None:
@@ -108,8 +105,8 @@ def apply_lora(
 
     compute_dtype "input" runs the LoRA matmuls in the activations' dtype (CastLoRALinear).
     """
-    if compute_dtype not in COMPUTE_DTYPES:
-        choices = ", ".join(COMPUTE_DTYPES)
+    if compute_dtype not in LORA_COMPUTE_DTYPES:
+        choices = ", ".join(LORA_COMPUTE_DTYPES)
         raise UserError(f"lora.compute_dtype={compute_dtype} is not one of {choices}")
     total = len(model.layers)
     if not 0 < num_layers <= total:

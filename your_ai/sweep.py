@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from your_ai import CONF_DIR, study
+from your_ai import CONF_DIR, LORA_COMPUTE_DTYPES, study
 from your_ai.data import validate as validate_data
 from your_ai.errors import UserError, exit_on_user_error
 from your_ai.worker import Worker
@@ -37,6 +37,9 @@ def check_config(cfg: DictConfig) -> dict:
         )
     if sweep.max_memory_gb is not None and float(sweep.max_memory_gb) <= 0:
         raise UserError(f"sweep.max_memory_gb={sweep.max_memory_gb} must be positive")
+    if cfg.lora.compute_dtype not in LORA_COMPUTE_DTYPES:
+        choices = ", ".join(LORA_COMPUTE_DTYPES)
+        raise UserError(f"lora.compute_dtype={cfg.lora.compute_dtype} is not one of {choices}")
     if int(cfg.training.max_seq_length) < 2:
         raise UserError(
             f"training.max_seq_length={cfg.training.max_seq_length} must be at least 2"
@@ -81,6 +84,7 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "objective": str(sweep.objective),
         "data": str(sweep.data),
         "lora_keys": list(cfg.lora["keys"]),
+        "lora_compute_dtype": str(cfg.lora.compute_dtype),
         "grad_checkpoint": bool(cfg.training.grad_checkpoint),
         "grad_accumulation": int(cfg.training.grad_accumulation),
         "compile": bool(cfg.training.compile),
