@@ -6,6 +6,7 @@ weights) with MLX's CUDA build, and the training step's model-FLOPs utilisation.
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -168,7 +169,16 @@ def main() -> None:
     parts = args.parts.split(",")
     results: dict = {}
     import mlx.core as mx
+    from hydra import compose, initialize_config_dir
 
+    import your_ai
+    from your_ai import device as devices
+
+    with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=MODEL)
+    # Trials run in this process here: set it as a worker would, before the first GPU work.
+    os.environ.update(devices.mlx_env(cfg.cuda_ops_per_buffer))
+    results["ops_per_buffer"] = os.environ.get(devices.OPS_PER_BUFFER_ENV, "MLX default (20)")
     device = mx.device_info().get("device_name", "?")
     results["device"] = device
     if "matmul" in parts or "mfu" in parts:
@@ -188,7 +198,12 @@ def main() -> None:
     if "truth" in parts:
         import optuna
 
-        for name in ("gpu-quick-ckpt-nodom", "gpu-full-ckpt", "gpu-quick-ckpt"):
+        for name in (
+            "gpu-full-ckpt-nodom",
+            "gpu-quick-ckpt-nodom",
+            "gpu-full-ckpt",
+            "gpu-quick-ckpt",
+        ):
             try:
                 st = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/optuna.db")
             except KeyError:
@@ -221,7 +236,7 @@ def main() -> None:
                 r["winner"],
             ]
         )
-    body = f"card: {device}\n\n"
+    body = f"card: {device}; operations per CUDA graph: {results['ops_per_buffer']}\n\n"
     if "matmul_tflops" in results:
         body += f"- bf16 matmul 8192^3: {results['matmul_tflops']:.0f} TFLOP/s\n"
     for m in results.get("mfu", []):

@@ -42,6 +42,10 @@ def digest(path) -> str:
             "error: lora.compute_dtype=half is not one of float32, input",
         ),
         (
+            ["cuda_ops_per_buffer=0"],
+            "error: cuda_ops_per_buffer=0 must be a positive integer or null",
+        ),
+        (
             ["sweep.objective=speed"],
             "error: sweep.objective=speed is not one of score, tokens_per_sec",
         ),

@@ -74,3 +74,19 @@ def test_light_first_order_puts_every_point_after_those_it_dominates():
     for i, p in enumerate(points):
         for q in points[i + 1 :]:
             assert not all(q[k] <= p[k] for k in p), (p, q)
+
+
+def test_cuda_ops_per_buffer_reaches_cuda_processes_and_their_study_settings_only():
+    from your_ai import device, sweep
+
+    cfg = compose_config(["model=llama-3.1-8b", "model.random_weights=true"])
+    assert cfg.cuda_ops_per_buffer == 3
+    assert device.mlx_env(cfg.cuda_ops_per_buffer, "cuda") == {"MLX_MAX_OPS_PER_BUFFER": "3"}
+    assert device.mlx_env(cfg.cuda_ops_per_buffer, "cpu") == {}
+    assert device.mlx_env(cfg.cuda_ops_per_buffer, "metal") == {}
+    assert device.mlx_env(None, "cuda") == {}
+    space = sweep.check_config(cfg)
+    on = {"backend": "cuda", "id": "cuda-h100-80gib"}
+    off = {"backend": "cpu", "id": "cpu-x-24gib"}
+    assert sweep.study_settings(cfg, space, on, 28.0)["cuda_ops_per_buffer"] == 3
+    assert "cuda_ops_per_buffer" not in sweep.study_settings(cfg, space, off, 28.0)

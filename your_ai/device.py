@@ -1,5 +1,6 @@
 """What MLX runs on and how much memory it may use, through MLX's device-neutral APIs."""
 
+import os
 import platform
 
 import mlx.core as mx
@@ -45,3 +46,18 @@ def process_baseline_bytes() -> int:
         return 0
     rss = psutil.Process().memory_info().rss
     return max(0, rss - mx.get_active_memory() - mx.get_cache_memory())
+
+
+OPS_PER_BUFFER_ENV = "MLX_MAX_OPS_PER_BUFFER"
+
+
+def mlx_env(ops_per_buffer: int | None, kind: str | None = None) -> dict[str, str]:
+    """Environment for a process running MLX on CUDA ({} elsewhere, or for null: MLX's own).
+
+    MLX reads it when it first runs something on the GPU, so it is set before that, in the
+    process itself: a trial worker before it loads the model, the trainer before it builds one.
+    """
+    kind = kind or backend()
+    if kind != "cuda" or ops_per_buffer is None:
+        return {}
+    return {OPS_PER_BUFFER_ENV: str(int(ops_per_buffer))}

@@ -22,6 +22,11 @@ from your_ai.worker import Worker
 OBJECTIVES = ("score", "tokens_per_sec")
 
 
+def check_ops_per_buffer(value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise UserError(f"cuda_ops_per_buffer={value} must be a positive integer or null")
+
+
 def check_config(cfg: DictConfig) -> dict:
     sweep = cfg.sweep
     space = study.search_space(sweep.grid)
@@ -40,6 +45,7 @@ def check_config(cfg: DictConfig) -> dict:
     if cfg.lora.compute_dtype not in LORA_COMPUTE_DTYPES:
         choices = ", ".join(LORA_COMPUTE_DTYPES)
         raise UserError(f"lora.compute_dtype={cfg.lora.compute_dtype} is not one of {choices}")
+    check_ops_per_buffer(cfg.cuda_ops_per_buffer)
     if int(cfg.training.max_seq_length) < 2:
         raise UserError(
             f"training.max_seq_length={cfg.training.max_seq_length} must be at least 2"
@@ -89,6 +95,8 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "grad_accumulation": int(cfg.training.grad_accumulation),
         "compile": bool(cfg.training.compile),
         "hardware": info["id"],
+        # Decides peak memory on CUDA only; elsewhere it is not set, so it is not a setting.
+        **({"cuda_ops_per_buffer": cfg.cuda_ops_per_buffer} if info["backend"] == "cuda" else {}),
     }
 
 

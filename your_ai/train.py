@@ -4,6 +4,7 @@ The step is the one the sweep measures (your_ai.step). Adapters are saved in mlx
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,11 +77,15 @@ def check(cfg: DictConfig) -> None:
         raise UserError(f"distrust.mode={cfg.distrust.mode} is not one of {', '.join(MODES)}")
     if not 0 <= float(cfg.distrust.lambda_weight) <= 1:
         raise UserError(f"distrust.lambda_weight={cfg.distrust.lambda_weight} is outside [0, 1]")
+    from your_ai.sweep import check_ops_per_buffer
+
+    check_ops_per_buffer(cfg.cuda_ops_per_buffer)
 
 
 def run(cfg: DictConfig, out=sys.stdout) -> dict:
     """Train; returns the final metrics and where the adapters went."""
     check(cfg)
+    os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))  # before MLX's first GPU work
     hardware = device.describe()
     warning = profile_warning(cfg, hardware["id"])
     if warning:

@@ -25,6 +25,7 @@ def worker_main(conn, cfg_container: dict) -> None:
     from your_ai import device, models, trial
 
     cfg = OmegaConf.create(cfg_container)
+    os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))  # before MLX's first GPU work
     try:
         tick = time.perf_counter()
         loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
