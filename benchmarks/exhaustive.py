@@ -1,7 +1,10 @@
 """The reference we compare the sweep against: every configuration run in turn, each in a fresh
-process that loads the model afresh and runs a plain MLX LoRA loop (mlx-lm's LoRA layers,
-value_and_grad, AdamW) for a fixed number of steps; the winner is the largest configuration whose
-margin-adjusted peak fits the limit.
+process that loads the model afresh and runs a fixed number of steps; the winner is the largest
+configuration whose margin-adjusted peak fits the limit.
+
+The step is a plain MLX LoRA loop (mlx-lm's LoRA layers, value_and_grad, AdamW), or with
+`--step ours` the trainer's own step (your_ai.step), whose peak memory decides what really fits
+when training with it.
 
     python benchmarks/exhaustive.py --one '{"batch_size": 4, "rank": 64, "num_layers": 16}' ...
 """
@@ -61,7 +64,35 @@ def one(config: dict, model_path: str, seq: int, steps: int) -> dict:
     return {"peak_mb": mx.get_peak_memory() / 1e6, "step_s": statistics.median(times[2:])}
 
 
-def run(grid: dict, model_path: str, seq: int, steps: int, env: dict) -> list[dict]:
+def one_ours(config: dict, overrides: list[str], steps: int) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    import your_ai
+    from your_ai import models, trial
+
+    with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[*overrides, f"sweep.steps={steps}", "sweep.early_stop=false"]
+        )
+    loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
+    params = {
+        "training.batch_size": config["batch_size"],
+        "lora.rank": config["rank"],
+        "lora.num_layers": config["num_layers"],
+    }
+    result = trial.measure(loaded, cfg, params, trial.Limits(float("inf"), 0.0, 0))
+    return {"peak_mb": result["mlx_peak_bytes"] / 1e6, "step_s": result["step_time_s"]}
+
+
+def run(
+    grid: dict,
+    model_path: str,
+    seq: int,
+    steps: int,
+    env: dict,
+    ours: list[str] | None = None,
+) -> list[dict]:
+    """Every grid point in a fresh process; `ours`: the trainer's step with these overrides."""
     results = []
     for batch, rank, layers in product(grid["batch_size"], grid["rank"], grid["num_layers"]):
         config = {"batch_size": batch, "rank": rank, "num_layers": layers}
@@ -77,6 +108,7 @@ def run(grid: dict, model_path: str, seq: int, steps: int, env: dict) -> list[di
                 str(seq),
                 "--steps",
                 str(steps),
+                *(["--step", "ours", "--overrides", json.dumps(ours)] if ours is not None else []),
             ],
             capture_output=True,
             text=True,
@@ -102,5 +134,12 @@ if __name__ == "__main__":
     parser.add_argument("--model", required=True)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--step", choices=("plain", "ours"), default="plain")
+    parser.add_argument("--overrides", default="[]", help="JSON list, for --step ours")
     args = parser.parse_args()
-    print(json.dumps(one(json.loads(args.one), args.model, args.seq, args.steps)))
+    if args.step == "ours":
+        sys.path.insert(0, str(ROOT))
+        result = one_ours(json.loads(args.one), json.loads(args.overrides), args.steps)
+    else:
+        result = one(json.loads(args.one), args.model, args.seq, args.steps)
+    print(json.dumps(result))

@@ -52,7 +52,12 @@ def test_step_speed(tmp_path):
 @pytest.mark.slow
 def test_time_to_answer(tmp_path):
     text = bench(tmp_path, "time_to_answer.py", "--truth-steps", "3", *TINY)
-    for row in ("exhaustive (a) and (b)", "ours (a) no limit", "ours (b) limit"):
+    for row in (
+        "exhaustive, plain loop (a) and (b)",
+        "exhaustive, our step (a) and (b)",
+        "ours (a) no limit",
+        "ours (b) limit",
+    ):
         assert row in text
     assert "fixed cost per trial" in text and "memory truth" in text
 
