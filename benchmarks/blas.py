@@ -25,11 +25,11 @@ MATMUL = (
 )
 
 
-def sweep(blas: str, overrides: list[str]) -> tuple[float, str]:
-    tmp = Path(tempfile.mkdtemp(prefix=f"your_ai-blas-{blas}-"))
+def sweep(overrides: list[str]) -> tuple[float, str]:
+    tmp = Path(tempfile.mkdtemp(prefix="your_ai-blas-"))
     tick = time.perf_counter()
     out = subprocess.run(
-        sweep_command(tmp, f"sqlite:///{tmp}/db", f"blas={blas}", *overrides),
+        sweep_command(tmp, f"sqlite:///{tmp}/db", *overrides),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -54,22 +54,29 @@ def main() -> None:
     args = parser.parse_args()
     from your_ai import blas
 
-    preload = blas.preload_env("auto")
+    plain_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    preload = blas.preload_env("auto", "off")
     if not preload:
         sys.exit("no OpenBLAS found to preload (Debian: apt-get install libopenblas0-pthread)")
-    plain_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     rows = []
-    for name, mode, env in (
-        ("bundled", "off", plain_env),
-        ("openblas", "auto", {**plain_env, **preload}),
+    # MLX as its wheel ships, OpenBLAS alone, and what `blas` and `allocator` give by default.
+    for name, settings, env in (
+        ("bundled BLAS, glibc malloc", ["blas=off", "allocator=off"], plain_env),
+        ("openblas, glibc malloc", ["blas=auto", "allocator=off"], {**plain_env, **preload}),
+        ("openblas, tcmalloc", ["blas=auto", "allocator=auto"], {**plain_env, **preload}),
     ):
-        wall, winner = sweep(mode, ["mode=quick", *args.overrides])
+        wall, winner = sweep([*settings, "mode=quick", *args.overrides])
         rows.append([name, f"{matmul_gflops(env):.1f}", f"{wall:.1f}", winner])
-    speedup = float(rows[0][2]) / float(rows[1][2])
+    walls = [float(row[2]) for row in rows]
     body = (
-        f"quick sweep on the tiny model, OpenBLAS {preload['LD_PRELOAD']}\n\n"
-        + table(["BLAS", "matmul 1024^3 GFLOP/s", "quick sweep wall s", "winner"], rows)
-        + f"\n\nquick sweep speed-up with OpenBLAS: **{speedup:.1f}x** (target >= 10x)"
+        f"quick sweep, {' '.join(args.overrides) or 'tiny model'}; preloaded: "
+        f"{blas.find_openblas()}, {blas.find_tcmalloc()}\n\n"
+        + table(
+            ["processes run with", "matmul 1024^3 GFLOP/s", "quick sweep wall s", "winner"], rows
+        )
+        + "\n\nquick sweep speed-up over the bundled BLAS: OpenBLAS "
+        f"**{walls[0] / walls[1]:.1f}x**, OpenBLAS and tcmalloc (the default) "
+        f"**{walls[0] / walls[2]:.1f}x** (target >= 10x)"
     )
     record(
         "Linux CPU: OpenBLAS against the bundled BLAS",

@@ -73,7 +73,11 @@ def sweep_command(workdir: Path, storage: str, *overrides: str) -> list[str]:
 
 def preloaded_blas(env: dict) -> str | None:
     """How to name the BLAS of child processes started with `env`."""
-    return "openblas (preloaded in the measured processes)" if env.get("LD_PRELOAD") else None
+    preload = env.get("LD_PRELOAD", "")
+    if not preload:
+        return None
+    named = "openblas, tcmalloc" if "tcmalloc" in preload else "openblas"
+    return f"{named} (preloaded in the measured processes)"
 
 
 def command_line() -> str:

@@ -90,3 +90,19 @@ def test_cuda_ops_per_buffer_reaches_cuda_processes_and_their_study_settings_onl
     off = {"backend": "cpu", "id": "cpu-x-24gib"}
     assert sweep.study_settings(cfg, space, on, 28.0)["cuda_ops_per_buffer"] == 3
     assert "cuda_ops_per_buffer" not in sweep.study_settings(cfg, space, off, 28.0)
+
+
+def test_preloads_follow_the_blas_and_allocator_settings(monkeypatch):
+    from your_ai import blas
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MLX_DISABLE_BLAS_PRELOAD", raising=False)
+    openblas, tcmalloc = blas.find_openblas(), blas.find_tcmalloc()
+    if not (openblas and tcmalloc):
+        pytest.skip("needs OpenBLAS and tcmalloc installed (scripts/install does on Debian)")
+    assert blas.preload_env("auto", "auto") == {"LD_PRELOAD": f"{openblas} {tcmalloc}"}
+    assert blas.preload_env("off", "auto") == {"LD_PRELOAD": tcmalloc}
+    assert blas.preload_env("auto", "off") == {"LD_PRELOAD": openblas}
+    assert blas.preload_env("off", "off") == {}
+    monkeypatch.setenv("LD_PRELOAD", tcmalloc)
+    assert blas.preload_env("auto", "auto") == {"LD_PRELOAD": f"{openblas} {tcmalloc}"}

@@ -1,7 +1,11 @@
-"""An optimised BLAS for MLX's Linux CPU wheel, which bundles a slow reference one.
+"""Libraries preloaded into the processes that run MLX on Linux.
 
-Preloading OpenBLAS into a process makes MLX's matmuls resolve to it. It has to happen before the
-process starts, so trial workers get it in their environment and the trainer re-executes itself.
+MLX's Linux CPU wheel bundles a slow reference BLAS: preloading OpenBLAS makes its matmuls resolve
+to that instead. Its CPU allocator is plain malloc, and glibc hands the pages of a step's large
+buffers back to the kernel and faults them in again on the next step; tcmalloc keeps them, which
+made CPU steps and each trial's first step faster (BENCHMARKS.md). Preloading has to happen
+before the process starts, so trial workers get it in their environment and the trainer
+re-executes itself.
 """
 
 import os
@@ -14,35 +18,51 @@ CANDIDATES = (
     "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
 )
+ALLOCATORS = (
+    "/usr/lib/{arch}-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+)
 REEXEC_FLAG = "YOUR_AI_BLAS_PRELOADED"
 
 
-def find_openblas() -> str | None:
+def _find(patterns: tuple[str, ...]) -> str | None:
     if sys.platform != "linux":
         return None
-    for pattern in CANDIDATES:
+    for pattern in patterns:
         path = Path(pattern.format(arch=platform.machine()))
         if path.exists():
             return str(path)
     return None
 
 
-def preload_env(mode: str = "auto") -> dict[str, str]:
-    """Environment additions that make a child process use OpenBLAS ({} when not applicable)."""
-    if mode == "off" or os.environ.get("MLX_DISABLE_BLAS_PRELOAD"):
-        return {}
-    library = find_openblas()
-    if library is None or library in os.environ.get("LD_PRELOAD", ""):
-        return {}
-    preload = " ".join(p for p in (library, os.environ.get("LD_PRELOAD", "")) if p)
-    return {"LD_PRELOAD": preload}
+def find_openblas() -> str | None:
+    return _find(CANDIDATES)
 
 
-def reexec_with_blas(mode: str, module: str) -> None:
-    """Restart this command with OpenBLAS preloaded (once), when there is one to preload."""
+def find_tcmalloc() -> str | None:
+    return _find(ALLOCATORS)
+
+
+def preload_env(mode: str = "auto", allocator: str = "auto") -> dict[str, str]:
+    """Environment additions that make a child process use OpenBLAS and tcmalloc, each when
+    installed and not switched off ({} when neither applies)."""
+    current = os.environ.get("LD_PRELOAD", "")
+    wanted = []
+    if mode != "off" and not os.environ.get("MLX_DISABLE_BLAS_PRELOAD"):
+        wanted.append(find_openblas())
+    if allocator != "off":
+        wanted.append(find_tcmalloc())
+    libraries = [lib for lib in wanted if lib and lib not in current]
+    if not libraries:
+        return {}
+    return {"LD_PRELOAD": " ".join([*libraries, *([current] if current else [])])}
+
+
+def reexec_with_blas(mode: str, module: str, allocator: str = "auto") -> None:
+    """Restart this command with OpenBLAS and tcmalloc preloaded (once), when there are any."""
     if os.environ.get(REEXEC_FLAG):
         return
-    extra = preload_env(mode)
+    extra = preload_env(mode, allocator)
     if not extra:
         return
     env = {**os.environ, **extra, REEXEC_FLAG: "1"}
@@ -52,4 +72,5 @@ def reexec_with_blas(mode: str, module: str) -> None:
 
 def active_blas() -> str:
     preload = os.environ.get("LD_PRELOAD", "")
-    return "openblas" if "openblas" in preload else "bundled"
+    blas = "openblas" if "openblas" in preload else "bundled"
+    return f"{blas}, tcmalloc" if "tcmalloc" in preload else blas

@@ -1,6 +1,5 @@
 """What MLX runs on and how much memory it may use, through MLX's device-neutral APIs."""
 
-import os
 import platform
 
 import mlx.core as mx

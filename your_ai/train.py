@@ -206,5 +206,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    blas.reexec_with_blas("off" if "blas=off" in sys.argv else "auto", "your_ai.train")
+    blas.reexec_with_blas(
+        "off" if "blas=off" in sys.argv else "auto",
+        "your_ai.train",
+        "off" if "allocator=off" in sys.argv else "auto",
+    )
     main()

@@ -94,7 +94,7 @@ class Worker:
     def start(self) -> dict:
         context = mp.get_context("spawn")
         parent, child = context.Pipe()
-        extra = blas.preload_env(str(self.cfg.blas))
+        extra = blas.preload_env(str(self.cfg.blas), str(self.cfg.allocator))
         saved = {k: os.environ.get(k) for k in extra}
         os.environ.update(extra)  # a spawned interpreter inherits the environment at start
         try:
@@ -118,7 +118,7 @@ class Worker:
             raise UserError(payload[0])
         if kind != "ready":
             self.stop()
-            raise RuntimeError(f"trial worker failed to start: {payload}")
+            raise RuntimeError(f"trial worker failed to start: {payload[0]}")
         self.info = payload[0]
         return self.info
 
@@ -129,6 +129,8 @@ class Worker:
                 try:
                     return self.conn.recv()
                 except EOFError:
+                    # The pipe closes a moment before the exit code can be read.
+                    self.process.join(timeout=5)
                     break
             if not self.process.is_alive():
                 break
