@@ -73,11 +73,10 @@ def sweep_command(workdir: Path, storage: str, *overrides: str) -> list[str]:
 
 def preloaded_blas(env: dict) -> str | None:
     """How to name the BLAS of child processes started with `env`."""
+    from your_ai import blas
+
     preload = env.get("LD_PRELOAD", "")
-    if not preload:
-        return None
-    named = "openblas, tcmalloc" if "tcmalloc" in preload else "openblas"
-    return f"{named} (preloaded in the measured processes)"
+    return f"{blas.describe(preload)} (preloaded in the measured processes)" if preload else None
 
 
 def command_line() -> str:

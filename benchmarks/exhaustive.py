@@ -68,18 +68,14 @@ def one_ours(config: dict, overrides: list[str], steps: int) -> dict:
     from hydra import compose, initialize_config_dir
 
     import your_ai
-    from your_ai import models, trial
+    from your_ai import models, study, trial
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose(
             "config", overrides=[*overrides, f"sweep.steps={steps}", "sweep.early_stop=false"]
         )
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
-    params = {
-        "training.batch_size": config["batch_size"],
-        "lora.rank": config["rank"],
-        "lora.num_layers": config["num_layers"],
-    }
+    params = {name: config[axis] for axis, name in study.AXES.items()}
     result = trial.measure(loaded, cfg, params, trial.Limits(float("inf"), 0.0, 0))
     return {"peak_mb": result["mlx_peak_bytes"] / 1e6, "step_s": result["step_time_s"]}
 

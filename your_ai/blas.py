@@ -82,7 +82,11 @@ def reexec_with_blas(mode: str, module: str, allocator: str = "auto") -> None:
     os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
-def active_blas() -> str:
-    preload = os.environ.get("LD_PRELOAD", "")
+def describe(preload: str) -> str:
+    """What an LD_PRELOAD gives MLX: its BLAS, and tcmalloc when preloaded."""
     blas = "openblas" if "openblas" in preload else "bundled"
     return f"{blas}, tcmalloc" if "tcmalloc" in preload else blas
+
+
+def active_blas() -> str:
+    return describe(os.environ.get("LD_PRELOAD", ""))
