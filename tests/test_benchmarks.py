@@ -51,7 +51,10 @@ def test_step_speed(tmp_path):
 
 @pytest.mark.slow
 def test_time_to_answer(tmp_path):
-    text = bench(tmp_path, "time_to_answer.py", "--truth-steps", "3", *TINY)
+    # Batch 16 at 64 tokens needs ~20 MB more than batch 1: far more than the few MB a worker's
+    # own memory moves between starts, so the limit between them admits exactly one.
+    grid = ["sweep.grid.batch_size=[1,16]", "training.max_seq_length=64"]
+    text = bench(tmp_path, "time_to_answer.py", "--truth-steps", "3", *TINY, *grid)
     for row in (
         "exhaustive, plain loop (a) and (b)",
         "exhaustive, our step (a) and (b)",
@@ -59,6 +62,10 @@ def test_time_to_answer(tmp_path):
         "ours (b) limit",
     ):
         assert row in text
+    table = [line.split("|") for line in text.splitlines() if line.startswith("| ")]
+    rows = {cells[1].strip(): cells[-2].strip() for cells in table}
+    assert rows["ours (a) no limit"] == "(16, 4, 2)"
+    assert next(w for k, w in rows.items() if k.startswith("ours (b) limit")) == "(1, 4, 2)"
     assert "fixed cost per trial" in text and "memory truth" in text
 
 
