@@ -1,6 +1,6 @@
 """The reference we compare the sweep against: every configuration run in turn, each in a fresh
 process that loads the model afresh and runs a fixed number of steps; the winner is the largest
-configuration whose margin-adjusted peak fits the limit.
+configuration whose margin-adjusted peak fits the limit (equal ones: the faster, as in the sweep).
 
 The step is a plain MLX LoRA loop (mlx-lm's LoRA layers, value_and_grad, AdamW), or with
 `--step ours` the trainer's own step (your_ai.step), whose peak memory decides what really fits
@@ -115,13 +115,18 @@ def run(
     return results
 
 
+def score(result: dict) -> int:
+    return result["batch_size"] * result["rank"] * result["num_layers"]
+
+
 def winner(results: list[dict], limit_gb: float | None, margin: float) -> dict | None:
     fits = [
         r for r in results if limit_gb is None or r["peak_mb"] * (1 + margin) / 1e3 <= limit_gb
     ]
     if not fits:
         return None
-    return max(fits, key=lambda r: r["batch_size"] * r["rank"] * r["num_layers"])
+    # The sweep's ranking: the largest configuration, equal ones by throughput.
+    return max(fits, key=lambda r: (score(r), r["batch_size"] / r["step_s"]))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ from benchmarks import exhaustive  # noqa: E402
 from benchmarks.common import command_line, preloaded_blas, record, sweep_command, table  # noqa: E402
 
 
-def sweep(tmp: Path, name: str, *overrides: str) -> tuple[float, list]:
+def sweep(tmp: Path, name: str, *overrides: str) -> tuple[float, list, tuple | None]:
+    """Wall time, trials and winner (the sweep's own ranking) of one sweep."""
     import optuna
+
+    from your_ai import study
 
     storage = f"sqlite:///{tmp}/optuna.db"
     tick = time.perf_counter()
@@ -37,16 +40,13 @@ def sweep(tmp: Path, name: str, *overrides: str) -> tuple[float, list]:
         stdout=subprocess.DEVNULL,
     )
     wall = time.perf_counter() - tick
-    return wall, optuna.load_study(study_name=name, storage=storage).trials
+    st = optuna.load_study(study_name=name, storage=storage)
+    ranked = study.ranked_complete(st)
+    return wall, st.trials, key(ranked[0].params) if ranked else None
 
 
 def key(params: dict) -> tuple:
     return (params["training.batch_size"], params["lora.rank"], params["lora.num_layers"])
-
-
-def best(trials) -> tuple | None:
-    done = [t for t in trials if t.state.name == "COMPLETE"]
-    return key(max(done, key=lambda t: t.value).params) if done else None
 
 
 def memory_truth(
@@ -112,12 +112,14 @@ def main() -> None:
     same_step = exhaustive.run(grid, str(cfg.model.path), seq, int(cfg.sweep.steps), env, common)
     same_step_wall = time.perf_counter() - tick
 
-    wall_a, trials_a = sweep(tmp, "a", *common)
-    wall_full, trials_full = sweep(tmp, "a-no-early-stop", *common, "sweep.early_stop=false")
+    wall_a, trials_a, best_a = sweep(tmp, "a", *common)
+    wall_full, trials_full, best_full = sweep(
+        tmp, "a-no-early-stop", *common, "sweep.early_stop=false"
+    )
     adjusted = sorted(t.user_attrs["peak_memory_gb_with_margin"] for t in trials_a)
     half = len(adjusted) // 2
     limit = round((adjusted[half - 1] + adjusted[half]) / 2, 4)
-    wall_b, trials_b = sweep(tmp, "b", *common, f"sweep.max_memory_gb={limit}")
+    wall_b, trials_b, best_b = sweep(tmp, "b", *common, f"sweep.max_memory_gb={limit}")
 
     baseline_mb = trials_a[0].user_attrs["baseline_mb"]
 
@@ -160,7 +162,7 @@ def main() -> None:
             ran(trials_a),
             steps(trials_a),
             f"{wall_a / reference_wall:.0%}",
-            best(trials_a),
+            best_a,
         ],
         [
             "ours (a) early stop off",
@@ -168,7 +170,7 @@ def main() -> None:
             ran(trials_full),
             steps(trials_full),
             f"{wall_full / reference_wall:.0%}",
-            best(trials_full),
+            best_full,
         ],
         [
             f"ours (b) limit {limit} GB",
@@ -176,7 +178,7 @@ def main() -> None:
             ran(trials_b),
             steps(trials_b),
             f"{wall_b / reference_wall:.0%}",
-            best(trials_b),
+            best_b,
         ],
     ]
     peaks_a = {key(t.params): t.user_attrs["peak_memory_mb"] for t in trials_a}
@@ -201,24 +203,25 @@ def main() -> None:
             a["setup_s"] + max(0.0, a["first_step_s"] - a["step_time_s"]) + load_s / len(trials_a)
         )
         shares.append(fixed / (a["total_s"] + load_s / len(trials_a)))
-    winner = best(trials_a)
+    winner = best_a
     winner_trial = next(t for t in trials_a if key(t.params) == winner)
     truth = memory_truth(
         tmp, winner, winner_trial.user_attrs["mlx_peak_mb"], args.overrides, args.truth_steps
     )
 
     body = (
-        f"tiny model, mode {args.mode} ({n} configurations), seq {seq}, {cfg.sweep.steps} steps "
-        f"per trial, margin {margin:.0%}; OpenBLAS preloaded on both sides.\n\n"
+        f"model {cfg.model.name}, mode {args.mode} ({n} configurations), seq {seq}, "
+        f"{cfg.sweep.steps} steps per trial, margin {margin:.0%}; OpenBLAS preloaded on both "
+        "sides.\n\n"
         + table(["method", "wall s", "configs run", "steps run", "of exhaustive", "winner"], rows)
         + f"\n\n- targets: (a) <= 50 %: {wall_a / reference_wall:.0%}; (b) <= 35 %: "
         f"{wall_b / reference_wall:.0%} (of the exhaustive run of our step: "
         f"{wall_a / same_step_wall:.0%}, {wall_b / same_step_wall:.0%})\n"
         f"- same winner as the exhaustive run of our step: (a) "
-        f"{best(trials_a) == as_key(same_a)}, (b) {best(trials_b) == as_key(same_b)}; "
+        f"{best_a == as_key(same_a)}, (b) {best_b == as_key(same_b)}; "
         f"as the plain loop's: (a) "
-        f"{best(trials_a) == as_key(ref_a)}, (b) {best(trials_b) == as_key(ref_b)}"
-        f"; early stop off gives winner {best(trials_full)} and peaks within {peak_diff:.2%}\n"
+        f"{best_a == as_key(ref_a)}, (b) {best_b == as_key(ref_b)}"
+        f"; early stop off gives winner {best_full} and peaks within {peak_diff:.2%}\n"
         f"- our MLX peak / the reference's MLX peak, median over configurations: "
         f"{mlx_vs_reference:.3f}; against the exhaustive run of our step: at most "
         f"{same_step_diff:.2%} apart\n"

@@ -58,6 +58,19 @@ def test_model_presets():
     assert hermes.training.max_seq_length == 1024
 
 
+def test_small_model_builds_locally_at_six_million_parameters(tmp_path):
+    from mlx.utils import tree_flatten
+
+    from your_ai import models
+
+    cfg = compose_config(["model=small", f"paths.models={tmp_path}"])
+    assert cfg.training.max_seq_length == 256
+    loaded = models.load(cfg.model, cfg.paths.models)
+    params = sum(v.size for _, v in tree_flatten(loaded.model.parameters()))
+    assert loaded.num_layers == 32 and 5.5e6 < params < 6.5e6
+    assert (tmp_path / "small" / "model.safetensors").exists()
+
+
 def test_unknown_mode_is_refused():
     with pytest.raises(MissingConfigException, match="mode/huge"):
         compose_config(["mode=huge"])
