@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: the machine, a printed table, and BENCHMARKS.md."""
 
+import json
 import platform
 import subprocess
 import sys
@@ -90,3 +91,14 @@ def git_revision() -> str:
         ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def long_text_file(path: Path, join: int = 8) -> Path:
+    """data/sample.jsonl with every `join` examples joined into one, so that batches fill the
+    sequence length (a single example is ~150 tokens) as the sweep's measurement does."""
+    sample = [json.loads(line) for line in (ROOT / "data" / "sample.jsonl").open()]
+    with path.open("w") as f:
+        for i in range(0, len(sample) - join, join):
+            text = " ".join(s["text"] for s in sample[i : i + join])
+            f.write(json.dumps({**sample[i], "text": text}) + "\n")
+    return path

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import record, sweep_command, table  # noqa: E402
+from benchmarks.common import long_text_file, record, sweep_command, table  # noqa: E402
 
 MODEL = ["model=llama-3.1-8b", "model.random_weights=true", "training.max_seq_length=1024"]
 N_PARAMS = 8.03e9
@@ -123,12 +123,7 @@ def sweep(out: Path, spec: str) -> dict:
 
 def truth(out: Path, winner: dict) -> dict:
     """Train the winner 200 steps on full-length real text; compare with the sweep's peak."""
-    sample = [json.loads(line) for line in (ROOT / "data" / "sample.jsonl").open()]
-    long_file = out / "long.jsonl"
-    with long_file.open("w") as f:
-        for i in range(0, len(sample) - 8, 8):
-            text = " ".join(s["text"] for s in sample[i : i + 8])
-            f.write(json.dumps({**sample[i], "text": text}) + "\n")
+    long_file = long_text_file(out / "long.jsonl")
     run_dir = out / "truth"
     subprocess.run(
         [
