@@ -105,6 +105,23 @@ def test_cuda_ops_per_buffer_reaches_cuda_processes_and_their_study_settings_onl
     assert "cuda_ops_per_buffer" not in sweep.study_settings(cfg, space, off, 28.0)
 
 
+def test_dominance_auto_is_off_only_on_cuda_with_mlx_own_ops_per_graph():
+    from your_ai import sweep
+
+    cuda = {"backend": "cuda", "id": "cuda-h100-80gib"}
+    cpu = {"backend": "cpu", "id": "cpu-x-24gib"}
+    cfg = compose_config(["model=llama-3.1-8b", "model.random_weights=true"])
+    space = sweep.check_config(cfg)
+    assert sweep.study_settings(cfg, space, cuda, 28.0)["dominance"] is True
+    assert sweep.study_settings(cfg, space, cpu, 28.0)["dominance"] is True
+    mlx_own = compose_config(["model=tiny", "cuda_ops_per_buffer=null"])
+    space = sweep.check_config(mlx_own)
+    assert sweep.study_settings(mlx_own, space, cuda, 28.0)["dominance"] is False
+    assert sweep.study_settings(mlx_own, space, cpu, 28.0)["dominance"] is True
+    forced = compose_config(["cuda_ops_per_buffer=null", "sweep.dominance=true"])
+    assert sweep.study_settings(forced, space, cuda, 28.0)["dominance"] is True
+
+
 def test_preloads_follow_the_blas_and_allocator_settings(monkeypatch):
     from your_ai import blas
 

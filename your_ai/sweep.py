@@ -62,9 +62,12 @@ def model_source(cfg: DictConfig) -> str:
     return str(cfg.model.path)
 
 
-def dominance_enabled(setting, backend: str) -> bool:
+def dominance_enabled(setting, backend: str, ops_per_buffer: int | None) -> bool:
+    """`auto`: on, except on CUDA with MLX's own operations per graph, where a larger rank or
+    more layers was measured to peak lower (held temporaries); with fewer per graph every
+    measured grid was monotonic."""
     if setting == "auto":
-        return backend != "cuda"
+        return backend != "cuda" or ops_per_buffer is not None
     if isinstance(setting, bool):
         return setting
     raise UserError(f"sweep.dominance={setting} is not one of auto, true, false")
@@ -84,7 +87,7 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "steps": int(sweep.steps),
         "warmup_steps": int(sweep.warmup_steps),
         "early_stop": bool(sweep.early_stop),
-        "dominance": dominance_enabled(sweep.dominance, info["backend"]),
+        "dominance": dominance_enabled(sweep.dominance, info["backend"], cfg.cuda_ops_per_buffer),
         "max_memory_gb": float(max_memory_gb),
         "margin": float(sweep.margin),
         "objective": str(sweep.objective),
