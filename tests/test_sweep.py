@@ -282,6 +282,41 @@ def test_trials_in_one_worker_leave_no_residue(tmp_path):
     assert not any(hasattr(m, "lora_a") for _, m in loaded.model.named_modules())
 
 
+def test_stable_waits_for_a_settled_median_and_a_flat_peak():
+    flat = [100] * 8
+    assert trial.stable([1.0, 1.0, 1.0, 1.0], flat[:4], window=4, tolerance=0.05)
+    assert not trial.stable([1.0, 1.0, 1.0], flat[:3], window=4, tolerance=0.05)
+    # One slow step barely moves the median: still settled.
+    assert trial.stable([1.0, 1.0, 1.0, 1.6, 1.0, 1.0], flat[:6], window=4, tolerance=0.05)
+    # Steps that keep getting slower move it: not settled.
+    assert not trial.stable([1.0, 1.1, 1.2, 1.3, 1.4], flat[:5], window=4, tolerance=0.05)
+    # Memory still growing within the window: not settled.
+    assert not trial.stable([1.0] * 5, [90, 95, 100, 100, 100], window=4, tolerance=0.05)
+
+
+def test_early_stop_ends_a_trial_with_the_peak_of_the_full_run(tmp_path):
+    common = [
+        *isolated(tmp_path),
+        f"paths.models={tmp_path}/models",
+        "sweep.steps=20",
+        "sweep.warmup_steps=1",
+        "sweep.stable_steps=4",
+        "training.max_seq_length=64",
+    ]
+    # A loose tolerance makes the step time settle at once, so only the peak decides when.
+    early = compose_config([*common, "sweep.early_stop=true", "sweep.stable_tolerance=1.0"])
+    full = compose_config([*common, "sweep.early_stop=false"])
+    loaded = models.load(full.model, full.paths.models)
+    limits = trial.Limits(max_bytes=1e12, margin=0.15, baseline_bytes=0)
+    params = {"training.batch_size": 4, "lora.rank": 16, "lora.num_layers": 8}
+    stopped = trial.measure(loaded, early, params, limits)
+    ran = trial.measure(loaded, full, params, limits)
+    assert stopped["early_stopped"] and stopped["steps_run"] < ran["steps_run"] == 20
+    # Peaks of the same configuration move by a few tens of KB between trials; the optimizer's
+    # state alone (~0.5 MB here) is several times this tolerance.
+    assert stopped["peak_bytes"] == pytest.approx(ran["peak_bytes"], rel=0.005)
+
+
 def test_a_hung_trial_is_killed_after_its_timeout_and_recorded(tmp_path):
     cfg = compose_config(
         [

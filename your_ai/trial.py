@@ -37,12 +37,19 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def stable(times: list[float], peaks: list[int], window: int, tolerance: float) -> bool:
-    """Peak memory has stopped growing and the step-time estimate agrees over `window` steps."""
+    """Over the last `window` steps peak memory has not grown and the step-time estimate (the
+    median of the timed steps so far) has moved by at most `tolerance` of its latest value.
+
+    The estimate, not each step, must settle: one slow step (a page fault, another process on
+    the core) moves a median little, where it would hold a spread-of-steps test open.
+    """
     if len(times) < window or len(peaks) < window:
         return False
-    recent = times[-window:]
-    median = statistics.median(recent)
-    return peaks[-1] == peaks[-window] and (max(recent) - min(recent)) <= tolerance * median
+    estimates = [
+        statistics.median(times[:n]) for n in range(len(times) - window + 1, len(times) + 1)
+    ]
+    settled = max(estimates) - min(estimates) <= tolerance * estimates[-1]
+    return peaks[-1] == peaks[-window] and settled
 
 
 def measure(
