@@ -198,11 +198,16 @@ def test_sweep_killed_mid_trial_then_rerun_measures_every_point_once(tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    victim = wait_for(lambda: running_trial(tmp_path, "killed", min_number=2))
-    time.sleep(0.5)  # mid-trial: some steps done, not all
+    # A trial of the third grid point or later, with all its parameters chosen, is running.
+    wait_for(lambda: (t := running_trial(tmp_path, "killed", min_number=2)) and len(t.params) == 3)
+    time.sleep(0.2)  # mid-trial: some steps done, not all
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert load(tmp_path, "killed").trials[victim.number].state == TrialState.RUNNING
+    # Read after the kill: on a loaded machine the trial seen above may have ended meanwhile
+    # and the next one be the one cut short.
+    running = load(tmp_path, "killed").get_trials(states=(TrialState.RUNNING,))
+    assert len(running) == 1 and len(running[0].params) == 3
+    victim = running[0]
 
     rerun = run_command(sweep_command(tmp_path, *SLOW_GRID), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
