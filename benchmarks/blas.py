@@ -64,12 +64,14 @@ def main() -> None:
     preload = blas.preload_env("auto", "off")
     if not preload:
         sys.exit("no OpenBLAS found to preload (Debian: apt-get install libopenblas0-pthread)")
+    both = blas.preload_env("auto", "auto")
     rows = []
-    # MLX as its wheel ships, OpenBLAS alone, and what `blas` and `allocator` give by default.
+    # MLX as its wheel ships, OpenBLAS alone, and what `blas` and `allocator` give by default;
+    # the matmul of each row runs with that row's preloads.
     for name, settings, env in (
         ("bundled BLAS, glibc malloc", ["blas=off", "allocator=off"], plain_env),
         ("openblas, glibc malloc", ["blas=auto", "allocator=off"], {**plain_env, **preload}),
-        ("openblas, tcmalloc", ["blas=auto", "allocator=auto"], {**plain_env, **preload}),
+        ("openblas, tcmalloc", ["blas=auto", "allocator=auto"], {**plain_env, **both}),
     ):
         wall, winner = sweep([*settings, "mode=quick", *args.overrides])
         rows.append([name, f"{matmul_gflops(env):.1f}", f"{wall:.1f}", winner])
