@@ -234,7 +234,7 @@ def test_worker_killed_from_outside_is_pruned_for_memory_and_the_sweep_goes_on(t
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    victim = wait_for(lambda: running_trial(tmp_path, "oom", min_number=3))
+    wait_for(lambda: running_trial(tmp_path, "oom", min_number=3))
     time.sleep(0.5)
     workers = psutil.Process(proc.pid).children(recursive=True)
     workers = [w for w in workers if "spawn_main" in " ".join(w.cmdline())]
@@ -243,16 +243,21 @@ def test_worker_killed_from_outside_is_pruned_for_memory_and_the_sweep_goes_on(t
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0
     st = load(tmp_path, "oom")
-    killed = st.trials[victim.number]
+    # Found after the run: on a loaded machine the trial seen above may have ended before the
+    # kill and the next one be the one cut short.
+    (killed,) = [
+        t
+        for t in st.trials
+        if t.user_attrs.get("reason") == "worker process died (killed by SIGKILL)"
+    ]
     assert killed.state == TrialState.PRUNED and killed.user_attrs["memory_pruned"]
-    assert killed.user_attrs["reason"] == "worker process died (killed by SIGKILL)"
     assert "✗ pruned: worker process died (killed by SIGKILL)" in out
     counts = measured_once(st)
     assert len(counts) == 8 and set(counts.values()) == {1}
     # Every point at least as large as the killed one is dominated, the rest were measured.
     for t in st.trials:
         larger = all(t.params[n] >= killed.params[n] for n in t.params)
-        if t.number != victim.number:
+        if t.number != killed.number:
             assert (t.state == TrialState.PRUNED) == larger, t.params
 
 
@@ -261,7 +266,7 @@ def test_trials_in_one_worker_leave_no_residue(tmp_path):
         [
             *isolated(tmp_path),
             f"paths.models={tmp_path}/models",
-            "sweep.steps=6",
+            "sweep.steps=10",
             "sweep.warmup_steps=2",
             "sweep.early_stop=false",
             "training.grad_checkpoint=true",
@@ -282,8 +287,9 @@ def test_trials_in_one_worker_leave_no_residue(tmp_path):
     again = trial.measure(loaded, cfg, probe, limits)
     assert first["state"] == again["state"] == "complete"
     assert again["peak_bytes"] == pytest.approx(first["peak_bytes"], rel=0.01)
-    # Generous on time (a shared 2-core machine is noisy); nesting made it several times slower.
-    assert again["step_time_s"] < 1.5 * first["step_time_s"]
+    # Generous on time (a shared 2-core machine is noisy): checkpoint wrappers nesting across
+    # these five trials would slow the last one down step by step.
+    assert again["step_time_s"] < 2.0 * first["step_time_s"]
     assert not any(hasattr(m, "lora_a") for _, m in loaded.model.named_modules())
 
 
@@ -341,3 +347,76 @@ def test_a_hung_trial_is_killed_after_its_timeout_and_recorded(tmp_path):
     assert first.user_attrs["reason"] == "timed out (no step finished in time; killed)"
     assert summary["best"] is None
     assert all(t.state == TrialState.PRUNED for t in trials) and len(trials) == 8
+
+
+def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
+    space = study.search_space(cfg.sweep.grid)
+    settings = {"objective": "score"}
+    st = study.open_study(study.open_storage(url, cfg.sweep), url, "s", settings, space, 3)
+    taken = st.ask()
+    study.claim(st, taken._trial_id)
+    assert study.give_back(st, taken._trial_id, 3)
+    # A second worker recovering the same dead trial finds it done, without an error.
+    assert not study.give_back(st, taken._trial_id, 3)
+    (retry,) = st.get_trials(states=(TrialState.WAITING,))
+    assert retry.system_attrs["grid_id"] == 0 and study.WORKER_ATTR not in retry.system_attrs
+
+
+def study_as_the_sweep_makes_it(tmp_path, overrides):
+    """The study the sweep command will open with `overrides`, made here first."""
+    from your_ai import device
+
+    cfg = compose_config([*isolated(tmp_path), *overrides])
+    space = study.search_space(cfg.sweep.grid)
+    settings = sweep.study_settings(cfg, space, device.describe(), float(cfg.sweep.max_memory_gb))
+    url = str(cfg.sweep.storage)
+    storage = study.open_storage(url, cfg.sweep)
+    name = sweep.study_name(cfg)
+    return study.open_study(storage, url, name, settings, space, int(cfg.sweep.max_retry))
+
+
+UNCLAIMED_GRID = [
+    "sweep.grid.batch_size=[1,2]",
+    "sweep.grid.rank=[4]",
+    "sweep.grid.num_layers=[2]",
+    "sweep.steps=3",
+    "sweep.warmup_steps=1",
+    "sweep.early_stop=false",
+    "sweep.max_memory_gb=20",
+    "sweep.grace_period_s=1",
+    "sweep.export=false",
+    "training.max_seq_length=32",
+]
+
+
+def test_a_trial_whose_sweep_died_before_claiming_it_is_retried_after_the_grace_period(
+    tmp_path,
+):
+    st = study_as_the_sweep_makes_it(tmp_path, UNCLAIMED_GRID)
+    orphan = st.ask()  # a sweep that died right after taking it: no owner, no heartbeat
+    time.sleep(1.5)
+    proc = run_command(sweep_command(tmp_path, *UNCLAIMED_GRID), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"retrying trials of a sweep that died: [{orphan.number}]" in proc.stdout
+    st = load(tmp_path, "tiny-quick")
+    counts = measured_once(st)
+    assert len(counts) == 2 and set(counts.values()) == {1}
+
+
+def test_a_point_whose_retries_are_spent_is_not_measured_again(tmp_path):
+    grid = [*UNCLAIMED_GRID, "sweep.max_retry=0"]
+    st = study_as_the_sweep_makes_it(tmp_path, grid)
+    orphan = st.ask()
+    time.sleep(1.5)
+    proc = run_command(sweep_command(tmp_path, *grid), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    st = load(tmp_path, "tiny-quick")
+    assert st.trials[orphan.number].state == TrialState.FAIL
+    assert len(st.get_trials(states=(TrialState.COMPLETE,))) == 1
+    assert len(st.trials) == 2  # neither a retry nor a fresh trial took the point again
+    assert (
+        "not measured, its sweep died 1 times (sweep.max_retry=0): "
+        "batch_size=1, rank=4, num_layers=2" in proc.stdout
+    )

@@ -6,6 +6,8 @@ or at once when its process is gone from this host) and retried with the same gr
 """
 
 import contextlib
+import copy
+import datetime
 import json
 import os
 import socket
@@ -71,8 +73,9 @@ class LightFirstGridSampler(GridSampler):
     the lightest point nobody holds; should two workers pick the same one, the later trial yields.
     """
 
-    def __init__(self, space: dict[str, list[int]]):
+    def __init__(self, space: dict[str, list[int]], max_retry: int):
         super().__init__(space, seed=0)
+        self.max_retry = max_retry
         names = self._param_names
         self._all_grids = [tuple(p[n] for n in names) for p in light_first(space)]
 
@@ -84,7 +87,7 @@ class LightFirstGridSampler(GridSampler):
         if trial.number < self._n_min_trials:
             grid_id = trial.number
         else:
-            held = held_grid_ids(study)
+            held = held_grid_ids(study, self.max_retry)
             free = [i for i in range(self._n_min_trials) if i not in held]
             if not free:
                 storage.set_trial_system_attr(trial._trial_id, SURPLUS_ATTR, True)
@@ -99,17 +102,31 @@ class LightFirstGridSampler(GridSampler):
     def size(self) -> int:
         return self._n_min_trials
 
+    def point(self, grid_id: int) -> dict:
+        """The parameters of grid point `grid_id`."""
+        return dict(zip(self._param_names, self._all_grids[grid_id], strict=True))
 
-def held_grid_ids(study, exclude: int | None = None) -> dict[int, int]:
-    """grid_id -> smallest trial number holding it: running, waiting, measured, or failed by an
-    error in the trial itself (final: rerunning the same code would fail the same way)."""
+
+def is_final_failure(trial: FrozenTrial, max_retry: int) -> bool:
+    """Failed for good: by an error in the trial itself (rerunning the same code would fail the
+    same way), or its sweep died and the retries are spent (Optuna queued no retry)."""
+    if trial.state != TrialState.FAIL or trial.system_attrs.get(SURPLUS_ATTR):
+        return False
+    if trial.user_attrs.get("state") == "failed":
+        return True
+    return len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) >= max_retry
+
+
+def held_grid_ids(study, max_retry: int, exclude: int | None = None) -> dict[int, int]:
+    """grid_id -> smallest trial number holding it: running, waiting, measured, or failed for
+    good."""
     held: dict[int, int] = {}
     states = (*CLAIMED, TrialState.FAIL)
     for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=states):
         grid_id = t.system_attrs.get("grid_id")
         if grid_id is None or t.number == exclude or t.system_attrs.get(SURPLUS_ATTR):
             continue
-        if t.state == TrialState.FAIL and t.user_attrs.get("state") != "failed":
+        if t.state == TrialState.FAIL and not is_final_failure(t, max_retry):
             continue  # a dead sweep's trial: its retry holds the point
         held[grid_id] = min(held.get(grid_id, t.number), t.number)
     return held
@@ -172,9 +189,9 @@ def describe_differences(stored: dict, current: dict) -> str:
     return "; ".join(diffs)
 
 
-def open_study(storage, url: str, name: str, settings: dict, space: dict):
+def open_study(storage, url: str, name: str, settings: dict, space: dict, max_retry: int):
     """Create the study, or continue it only if it was created with the same settings."""
-    sampler = LightFirstGridSampler(space)
+    sampler = LightFirstGridSampler(space, max_retry)
     try:
         study = optuna.create_study(
             storage=storage, study_name=name, sampler=sampler, direction="maximize"
@@ -246,13 +263,27 @@ def is_alive(identity: dict) -> bool:
         return False
 
 
+def claim(study_, trial_id: int) -> None:
+    """Mark a trial as this process's at once (inside `claim_lock`, right after ask), so a sweep
+    that dies before measuring it leaves a trial that recovery can tell is dead."""
+    study_._storage.set_trial_system_attr(trial_id, WORKER_ATTR, worker_identity())
+    if uses_heartbeat(study_._storage):
+        study_._storage.record_heartbeat(trial_id)
+
+
 def give_back(study, trial_id: int, max_retry: int) -> bool:
     """Fail a running trial and queue it again with the same grid point, as Optuna does for a
     trial whose heartbeat stopped; False if it was no longer running."""
     storage = study._storage
-    if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-        return False
-    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, storage.get_trial(trial_id))
+    try:
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another worker recovered it first
+    failed = copy.copy(storage.get_trial(trial_id))
+    # The retry is nobody's until a worker claims it.
+    failed.system_attrs = {k: v for k, v in failed.system_attrs.items() if k != WORKER_ATTR}
+    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, failed)
     return True
 
 
@@ -260,8 +291,11 @@ def uses_heartbeat(storage) -> bool:
     return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
 
-def recover_dead_trials(study, max_retry: int) -> list[int]:
-    """Fail and retry trials left RUNNING by sweeps that are gone; returns their numbers."""
+def recover_dead_trials(study, max_retry: int, grace_s: float) -> list[int]:
+    """Fail and retry trials left RUNNING by sweeps that are gone; returns their numbers.
+
+    Run it inside `claim_lock`, where no trial is between ask and claim.
+    """
     storage = study._storage
     recovered = []
     if uses_heartbeat(storage):
@@ -271,12 +305,17 @@ def recover_dead_trials(study, max_retry: int) -> list[int]:
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         recovered.extend(sorted(before - after))
     host = socket.gethostname()
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(WORKER_ATTR)
-        if not owner or owner.get("host") != host or is_alive(owner):
-            continue
-        # This host's dead sweeps are known at once: no need to wait for the grace period.
-        if give_back(study, t._trial_id, max_retry):
+        if owner:
+            # This host's dead sweeps are known at once: no need to wait for the grace period.
+            dead = owner.get("host") == host and not is_alive(owner)
+        else:
+            # Claimed by nobody (its sweep died between ask and claim, or an older version's).
+            started = t.datetime_start or now
+            dead = (now - started).total_seconds() > grace_s
+        if dead and give_back(study, t._trial_id, max_retry):
             recovered.append(t.number)
     return recovered
 
@@ -296,6 +335,17 @@ def measured_grid_trials(study_) -> list[FrozenTrial]:
         t
         for t in study_.get_trials(deepcopy=False, states=MEASURED)
         if "grid_id" in t.system_attrs and not t.system_attrs.get(SURPLUS_ATTR)
+    ]
+
+
+def given_up(study_, max_retry: int) -> list[FrozenTrial]:
+    """Grid points left unmeasured because every sweep that took them died (retries spent)."""
+    return [
+        t
+        for t in study_.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if "grid_id" in t.system_attrs
+        and t.user_attrs.get("state") != "failed"
+        and is_final_failure(t, max_retry)
     ]
 
 

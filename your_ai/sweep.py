@@ -169,10 +169,23 @@ class Heartbeat:
             self.last = now
 
 
-def has_work(st, size: int) -> bool:
+def record(st, trial, attrs: dict, state: TrialState, value=None) -> bool:
+    """Store a trial's measurements and finish it; False when another worker already failed it
+    (its heartbeat stopped for longer than the grace period) and queued it again."""
+    try:
+        for key, val in attrs.items():
+            trial.set_user_attr(key, val)
+        values = value if state == TrialState.COMPLETE else None
+        st.tell(trial, values, state=state, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return st._storage.get_trial(trial._trial_id).state == state
+
+
+def has_work(st, size: int, max_retry: int) -> bool:
     if st.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return True
-    return len(study.held_grid_ids(st)) < size
+    return len(study.held_grid_ids(st, max_retry)) < size
 
 
 def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, out) -> int:
@@ -180,6 +193,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
     space = {name: sorted(values) for name, values in sampler._search_space.items()}
     size = sampler.size
     max_retry = int(cfg.sweep.max_retry)
+    grace_s = float(cfg.sweep.grace_period_s)
     dominance = st.user_attrs["settings"]["dominance"]
     ran = 0
     bar = tqdm(
@@ -194,11 +208,13 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
     waiting_said = False
     try:
         while True:
-            recovered = study.recover_dead_trials(st, max_retry)
+            with study.claim_lock(st):
+                recovered = study.recover_dead_trials(st, max_retry, grace_s)
+                trial = st.ask() if has_work(st, size, max_retry) else None
+                if trial is not None:
+                    study.claim(st, trial._trial_id)
             if recovered:
                 tqdm.write(f"retrying trials of a sweep that died: {recovered}", file=out)
-            with study.claim_lock(st):
-                trial = st.ask() if has_work(st, size) else None
             if trial is None:
                 running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if not running:
@@ -217,14 +233,11 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                 continue
             params = {name: trial.suggest_categorical(name, space[name]) for name in sorted(space)}
             grid_id = system["grid_id"]
-            holder = study.held_grid_ids(st, exclude=trial.number).get(grid_id)
+            holder = study.held_grid_ids(st, max_retry, exclude=trial.number).get(grid_id)
             if holder is not None and holder < trial.number:
                 trial.set_user_attr("duplicate_of", holder)
                 st.tell(trial, state=TrialState.FAIL)
                 continue
-            st._storage.set_trial_system_attr(
-                trial._trial_id, study.WORKER_ATTR, study.worker_identity()
-            )
             position = grid_id + 1
             dominator = study.dominating_trial(st, params) if dominance else None
             if dominator is not None:
@@ -237,9 +250,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                     "reason": f"dominated by {study.describe_params(dominator.params)}",
                     "steps_run": 0,
                 }
-                for key, value in attrs.items():
-                    trial.set_user_attr(key, value)
-                st.tell(trial, state=TrialState.PRUNED)
+                kept = record(st, trial, attrs, TrialState.PRUNED)
             else:
                 beat = Heartbeat(
                     st._storage, trial._trial_id, float(cfg.sweep.heartbeat_interval_s)
@@ -251,20 +262,24 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                     study.give_back(st, trial._trial_id, max_retry)
                     raise
                 attrs = result_attrs(result, params, worker.info or info, limits)
-                for key, value in attrs.items():
-                    trial.set_user_attr(key, value)
-                if result["state"] == "complete":
-                    value = (
-                        attrs["score"]
-                        if cfg.sweep.objective == "score"
-                        else attrs["tokens_per_sec"]
-                    )
-                    st.tell(trial, value)
-                elif result["state"] == "pruned":
-                    st.tell(trial, state=TrialState.PRUNED)
-                else:
-                    st.tell(trial, state=TrialState.FAIL)
+                state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
+                objective = "score" if cfg.sweep.objective == "score" else "tokens_per_sec"
+                kept = record(
+                    st,
+                    trial,
+                    attrs,
+                    state.get(result["state"], TrialState.FAIL),
+                    attrs.get(objective),
+                )
                 ran += 1
+            if not kept:
+                tqdm.write(
+                    f"[{position}/{size}] trial {trial.number} was failed by another worker "
+                    "(its heartbeat was late) and is measured again there; this result is "
+                    "dropped",
+                    file=out,
+                )
+                continue
             tqdm.write(trial_line(position, size, params, attrs), file=out)
             bar.n = len(study.measured_grid_trials(st))
             bar.refresh()
@@ -273,7 +288,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
     return ran
 
 
-def summarize(st, out) -> dict:
+def summarize(st, out, max_retry: int) -> dict:
     trials = study.measured_grid_trials(st)
     dominated = [t for t in trials if t.user_attrs.get("dominated_by_params")]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
@@ -291,6 +306,16 @@ def summarize(st, out) -> dict:
         f"({summary['dominated']} by dominance, without running)",
         file=out,
     )
+    abandoned = study.given_up(st, max_retry)
+    if abandoned:
+        points = "; ".join(
+            study.describe_params(st.sampler.point(t.system_attrs["grid_id"])) for t in abandoned
+        )
+        print(
+            f"not measured, its sweep died {max_retry + 1} times (sweep.max_retry={max_retry}): "
+            f"{points}",
+            file=out,
+        )
     if not ranked:
         print("no configuration fits within the memory limit", file=out)
         return summary
@@ -350,7 +375,7 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
             )
         name = study_name(cfg)
         settings = study_settings(cfg, space, info, max_gb)
-        st = study.open_study(storage, url, name, settings, space)
+        st = study.open_study(storage, url, name, settings, space, int(cfg.sweep.max_retry))
         st.set_user_attr("device", {k: info[k] for k in ("backend", "name", "memory_gb", "id")})
         size = st.sampler.size
         print(
@@ -372,7 +397,7 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
         ran = run_trials(cfg, st, worker, info, limits, out)
     finally:
         worker.stop()
-    summary = summarize(st, out)
+    summary = summarize(st, out, int(cfg.sweep.max_retry))
     summary.update(study=st, ran=ran, wall_s=time.monotonic() - started, study_name=name)
     if cfg.sweep.export and summary["best"] is not None:
         from your_ai import export

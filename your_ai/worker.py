@@ -91,7 +91,7 @@ class Worker:
         self.conn = None
         self.info: dict = {}
 
-    def start(self) -> dict:
+    def start(self, heartbeat: Callable[[], None] = lambda: None) -> dict:
         context = mp.get_context("spawn")
         parent, child = context.Pipe()
         extra = blas.preload_env(str(self.cfg.blas), str(self.cfg.allocator))
@@ -112,7 +112,7 @@ class Worker:
                     os.environ[key] = value
         child.close()
         self.conn = parent
-        kind, *payload = self._receive(timeout=float(self.cfg.sweep.worker_start_timeout_s))
+        kind, *payload = self._receive(float(self.cfg.sweep.worker_start_timeout_s), heartbeat)
         if kind == "user_error":
             self.stop()
             raise UserError(payload[0])
@@ -122,9 +122,10 @@ class Worker:
         self.info = payload[0]
         return self.info
 
-    def _receive(self, timeout: float):
+    def _receive(self, timeout: float, heartbeat: Callable[[], None]):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            heartbeat()  # loading a large model takes longer than the heartbeat's grace period
             if self.conn.poll(0.5):
                 try:
                     return self.conn.recv()
@@ -149,7 +150,7 @@ class Worker:
     ) -> dict:
         """Run one trial; a dead or hung worker becomes a pruned result and is restarted later."""
         if not self.alive:
-            self.start()
+            self.start(heartbeat)
         sweep = self.cfg.sweep
         self.conn.send((params, limits))
         times: list[float] = []
