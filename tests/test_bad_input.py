@@ -6,7 +6,7 @@ import json
 import optuna
 import pytest
 
-from tests.conftest import SMALL_GRID, command, isolated, run_command
+from tests.conftest import ROOT, SMALL_GRID, command, isolated, run_command
 
 
 def run(module, tmp, *overrides):
@@ -141,6 +141,17 @@ def test_train_refuses_a_layer_count_beyond_the_model(tmp_path):
     proc = run("your_ai.train", tmp_path, "lora.num_layers=40", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2
     assert last_line(proc) == "error: lora.num_layers=40 is outside 1..32 (the model's layers)"
+
+
+def test_a_hugging_face_id_on_a_built_preset_is_loaded_not_built(tmp_path):
+    # The tiny preset builds its model when the directory is missing; a Hub id given instead
+    # must be fetched as such (here, offline, a clear error), never replaced by a random model.
+    proc = run("your_ai.sweep", tmp_path, "model.path=SomeOrg/some-model")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith(
+        "error: model.path=SomeOrg/some-model: cannot load the model ("
+    )
+    assert not (ROOT / "SomeOrg").exists()
 
 
 def test_train_refuses_a_missing_model(tmp_path):

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from omegaconf import DictConfig, OmegaConf
 
+from your_ai import builds_locally, looks_local
 from your_ai.errors import UserError
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -96,10 +97,6 @@ def build_model_dir(path: Path, architecture: dict, seed: int = 0) -> None:
     publish_dir(path, write)
 
 
-def looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
-
-
 def embedded_tokenizer(models_dir: Path):
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -117,7 +114,7 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
     path = str(model_cfg.path)
     local = Path(path).expanduser()
     architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True)
-    if model_cfg.build and not local.exists():
+    if builds_locally(model_cfg) and not local.exists():
         build_model_dir(local, architecture, seed)
 
     if model_cfg.random_weights:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from your_ai import CONF_DIR, LORA_COMPUTE_DTYPES, study
+from your_ai import CONF_DIR, LORA_COMPUTE_DTYPES, builds_locally, study
 from your_ai.data import validate as validate_data
 from your_ai.errors import UserError, exit_on_user_error
 from your_ai.worker import Worker
@@ -57,7 +57,7 @@ def check_config(cfg: DictConfig) -> dict:
 
 def model_source(cfg: DictConfig) -> str:
     """Where the weights come from, the same on every host (the embedded model's path is not)."""
-    if cfg.model.build:
+    if builds_locally(cfg.model):
         return f"embedded:{cfg.model.name}"
     return str(cfg.model.path)
 
