@@ -1,8 +1,13 @@
 """Profiles that travel, and Hydra multirun comparing models."""
 
-import pytest
+import uuid
 
-from tests.conftest import SMALL_GRID, command, run_command
+import optuna
+import pytest
+from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution
+
+from tests.conftest import SMALL_GRID, command, compose_config, run_command
 from your_ai import export
 
 
@@ -60,3 +65,50 @@ def test_a_failed_profile_write_leaves_the_previous_profile(tmp_path, monkeypatc
         export.atomic_write(profile, "new profile\n")
     assert profile.read_text() == "previous\n"
     assert [p.name for p in tmp_path.iterdir()] == ["best.yaml"]  # no half-written leftovers
+
+
+def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
+    from your_ai import CONF_DIR, study, sweep
+
+    swept = compose_config(
+        [
+            "mode=quick",
+            "model.quantize={bits:4,group_size:64}",
+            "training.grad_accumulation=2",
+            "training.compile=false",
+            "lora.compute_dtype=input",
+        ]
+    )
+    space = study.search_space(swept.sweep.grid)
+    info = {"backend": "cpu", "id": "cpu-test"}
+    settings = sweep.study_settings(swept, space, info, 20.0)
+    st = optuna.create_study(direction="maximize")
+    st.set_user_attr("settings", settings)
+    params = {"training.batch_size": 4, "lora.rank": 64, "lora.num_layers": 16}
+    distributions = {k: CategoricalDistribution(space[k]) for k in params}
+    measured = {
+        "peak_memory_mb": 100.0,
+        "peak_memory_gb_with_margin": 0.115,
+        "step_time_s": 0.1,
+        "tokens_per_sec": 1000.0,
+        "score": study.score(params),
+    }
+    st.add_trial(
+        optuna.trial.create_trial(
+            params=params, distributions=distributions, user_attrs=measured, value=4096
+        )
+    )
+    document = export.profile_document(st, st.trials[0], "sqlite:///x.db")
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    path = CONF_DIR / "profile" / f"{name}.yaml"
+    path.write_text(export.render_profile(document))
+    try:
+        applied = compose_config([f"+profile={name}"])  # on the defaults: no quantization
+    finally:
+        path.unlink()
+    assert OmegaConf.to_container(applied.model.quantize) == {"bits": 4, "group_size": 64}
+    assert applied.training.grad_accumulation == 2
+    assert applied.training.compile is False
+    assert applied.lora.compute_dtype == "input"
+    assert (applied.training.batch_size, applied.lora.rank, applied.lora.num_layers) == (4, 64, 16)
+    assert applied.model.path == swept.model.path  # the embedded model: its own local path

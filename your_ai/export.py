@@ -45,18 +45,30 @@ def profile_document(st, trial, url: str) -> dict:
     device = st.user_attrs.get("device", {})
     a, p = trial.user_attrs, trial.params
     rank = int(p["lora.rank"])
-    return {
+    # Every setting the measured peak depends on, so training reproduces the measured run.
+    model = {
+        "dtype": settings["dtype"],
+        "quantize": settings["quantize"],
+        "random_weights": settings["random_weights"],
+    }
+    if not settings["model_source"].startswith("embedded:"):
+        model["path"] = settings["model_source"]
+    document = {
         "defaults": [{"override /model": settings["model"]}],
+        "model": model,
         "training": {
             "batch_size": int(p["training.batch_size"]),
             "max_seq_length": settings["max_seq_length"],
             "grad_checkpoint": settings["grad_checkpoint"],
+            "grad_accumulation": settings["grad_accumulation"],
+            "compile": settings["compile"],
         },
         "lora": {
             "rank": rank,
             "alpha": 2 * rank,
             "num_layers": int(p["lora.num_layers"]),
             "keys": settings["lora_keys"],
+            "compute_dtype": settings["lora_compute_dtype"],
         },
         "measured": {
             "study": st.study_name,
@@ -75,6 +87,9 @@ def profile_document(st, trial, url: str) -> dict:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     }
+    if "cuda_ops_per_buffer" in settings:
+        document["cuda_ops_per_buffer"] = settings["cuda_ops_per_buffer"]
+    return document
 
 
 def hardware_profile(st, trial, document: dict) -> dict:
