@@ -37,6 +37,13 @@ def digest(path) -> str:
             "error: sweep.grid.num_layers: -8 is not a positive integer",
         ),
         (["sweep.margin=1.5"], "error: sweep.margin=1.5 is outside [0, 1)"),
+        (["sweep.steps=abc"], "error: sweep.steps=abc must be an integer >= 1"),
+        (["sweep.margin=x"], "error: sweep.margin=x must be a number [0, 1)"),
+        (["sweep.heartbeat_interval_s=0"], "error: sweep.heartbeat_interval_s=0 must be >= 1"),
+        (
+            ["training.grad_accumulation=4"],
+            "error: training.grad_accumulation=4 does not divide sweep.grid.batch_size [2]",
+        ),
         (
             ["lora.compute_dtype=half"],
             "error: lora.compute_dtype=half is not one of float32, input",
@@ -141,6 +148,24 @@ def test_train_refuses_a_layer_count_beyond_the_model(tmp_path):
     proc = run("your_ai.train", tmp_path, "lora.num_layers=40", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2
     assert last_line(proc) == "error: lora.num_layers=40 is outside 1..32 (the model's layers)"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.log_every=0", "error: training.log_every=0 must be >= 1"),
+        ("training.max_steps=ten", "error: training.max_steps=ten must be an integer >= 1"),
+        (
+            "training.grad_accumulation=3",
+            "error: training.batch_size=4 is not divisible by training.grad_accumulation=3",
+        ),
+    ],
+)
+def test_train_refuses_bad_training_settings(tmp_path, override, message):
+    proc = run("your_ai.train", tmp_path, override, f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 2
+    assert last_line(proc) == message
+    assert not (tmp_path / "run" / "adapters").exists()
 
 
 def test_a_hugging_face_id_on_a_built_preset_is_loaded_not_built(tmp_path):

@@ -19,6 +19,8 @@ BAD_LINES = [
     (json.dumps({**GOOD, "prov_entropy": -2}), "prov_entropy=-2 must be >= 0"),
     (json.dumps({**GOOD, "auth_weight": "high"}), "auth_weight='high' is not a number"),
     (json.dumps({**GOOD, "text": ""}), "text must be a non-empty string"),
+    ('{"text": "x", "auth_weight": 0.1, "prov_entropy": 1' + "0" * 400 + "}", "not a finite"),
+    ('{"text": "x", "auth_weight": 0.1, "prov_entropy": Infinity}', "not a finite"),
 ]
 
 

@@ -420,3 +420,18 @@ def test_a_point_whose_retries_are_spent_is_not_measured_again(tmp_path):
         "not measured, its sweep died 1 times (sweep.max_retry=0): "
         "batch_size=1, rank=4, num_layers=2" in proc.stdout
     )
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("[cudaMallocAsync] failed: out of memory", True),
+        ("Insufficient Memory (kIOGPUCommandBufferCallbackErrorOutOfMemory)", True),
+        ("[malloc] Unable to allocate 4194304 bytes.", True),
+        ("CUDA OOM while running the step", True),
+        ("no room left in the compile cache", False),
+        ("bloom filter size mismatch", False),
+    ],
+)
+def test_only_allocation_failures_count_as_out_of_memory(message, expected):
+    assert trial.is_out_of_memory(RuntimeError(message)) is expected

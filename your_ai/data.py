@@ -12,6 +12,7 @@ from your_ai.errors import UserError
 
 FIELDS = ("text", "auth_weight", "prov_entropy")
 MAX_AUTH_WEIGHT = 0.99
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -53,11 +54,14 @@ def parse_line(raw: bytes, path: Path, line_no: int) -> Example | None:
     if not isinstance(text, str) or not text:
         raise UserError(f"{where}: text must be a non-empty string")
     for name, value in (("auth_weight", auth), ("prov_entropy", entropy)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise UserError(f"{where}: {name}={value!r} is not a number")
+        # Batches hold float32: a larger integer or float would become infinite there.
+        if not abs(value) <= FLOAT32_MAX:
+            raise UserError(f"{where}: {name}={value!r} is not a finite float32 number")
     if not 0.0 <= auth <= MAX_AUTH_WEIGHT:
         raise UserError(f"{where}: auth_weight={auth} is outside [0, {MAX_AUTH_WEIGHT}]")
-    if entropy < 0 or math.isinf(entropy):
+    if entropy < 0:
         raise UserError(f"{where}: prov_entropy={entropy} must be >= 0 and finite")
     return Example(text, float(auth), float(entropy))
 

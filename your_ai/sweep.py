@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from your_ai import CONF_DIR, LORA_COMPUTE_DTYPES, builds_locally, study
+from your_ai import CONF_DIR, LORA_COMPUTE_DTYPES, builds_locally, checks, study
 from your_ai.data import validate as validate_data
 from your_ai.errors import UserError, exit_on_user_error
 from your_ai.worker import Worker
@@ -34,21 +34,32 @@ def check_config(cfg: DictConfig) -> dict:
         raise UserError(f"sweep.objective={sweep.objective} is not one of {', '.join(OBJECTIVES)}")
     if sweep.data not in ("synthetic", "file"):
         raise UserError(f"sweep.data={sweep.data} is not one of synthetic, file")
-    if not 0 <= float(sweep.margin) < 1:
-        raise UserError(f"sweep.margin={sweep.margin} is outside [0, 1)")
-    if int(sweep.steps) <= int(sweep.warmup_steps):
-        raise UserError(
-            f"sweep.steps={sweep.steps} must exceed sweep.warmup_steps={sweep.warmup_steps}"
-        )
-    if sweep.max_memory_gb is not None and float(sweep.max_memory_gb) <= 0:
+    checks.number(cfg, "sweep.margin", 0, 1)
+    steps = checks.integer(cfg, "sweep.steps", 1)
+    warmup = checks.integer(cfg, "sweep.warmup_steps", 0)
+    if steps <= warmup:
+        raise UserError(f"sweep.steps={steps} must exceed sweep.warmup_steps={warmup}")
+    if sweep.max_memory_gb is not None and checks.number(cfg, "sweep.max_memory_gb", 0) == 0:
         raise UserError(f"sweep.max_memory_gb={sweep.max_memory_gb} must be positive")
+    checks.integer(cfg, "sweep.stable_steps", 1)
+    checks.number(cfg, "sweep.stable_tolerance", 0)
+    for key in ("heartbeat_interval_s", "grace_period_s"):
+        checks.integer(cfg, f"sweep.{key}", 1)  # Optuna's heartbeat takes whole seconds
+    checks.integer(cfg, "sweep.max_retry", 0)
+    for key in ("worker_start_timeout_s", "first_step_timeout_s", "min_step_timeout_s"):
+        checks.number(cfg, f"sweep.{key}", 1)
+    checks.number(cfg, "sweep.step_timeout_factor", 1)
     if cfg.lora.compute_dtype not in LORA_COMPUTE_DTYPES:
         choices = ", ".join(LORA_COMPUTE_DTYPES)
         raise UserError(f"lora.compute_dtype={cfg.lora.compute_dtype} is not one of {choices}")
     check_ops_per_buffer(cfg.cuda_ops_per_buffer)
-    if int(cfg.training.max_seq_length) < 2:
+    checks.integer(cfg, "training.max_seq_length", 2)
+    accumulation = checks.integer(cfg, "training.grad_accumulation", 1)
+    uneven = [b for b in space[study.AXES["batch_size"]] if b % accumulation]
+    if uneven:
         raise UserError(
-            f"training.max_seq_length={cfg.training.max_seq_length} must be at least 2"
+            f"training.grad_accumulation={accumulation} does not divide "
+            f"sweep.grid.batch_size {uneven}"
         )
     if sweep.data == "file":
         validate_data(cfg.data.train_file)

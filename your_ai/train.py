@@ -14,7 +14,7 @@ import mlx.core as mx
 from omegaconf import DictConfig, open_dict
 from tqdm import tqdm
 
-from your_ai import CONF_DIR, blas, checkpoint, data, device, models, step
+from your_ai import CONF_DIR, blas, checkpoint, checks, data, device, models, step
 from your_ai.errors import UserError, exit_on_user_error
 from your_ai.loss import MODES
 
@@ -70,9 +70,14 @@ def adapter_config(cfg: DictConfig, lora_params: dict) -> dict:
 
 def check(cfg: DictConfig) -> None:
     training = cfg.training
-    for key in ("batch_size", "max_steps", "max_seq_length", "grad_accumulation", "save_every"):
-        if int(training[key]) <= 0:
-            raise UserError(f"training.{key}={training[key]} must be positive")
+    for key in ("batch_size", "max_steps", "grad_accumulation", "save_every", "log_every"):
+        checks.integer(cfg, f"training.{key}", 1)
+    checks.integer(cfg, "training.max_seq_length", 2)
+    if training.batch_size % training.grad_accumulation:
+        raise UserError(
+            f"training.batch_size={training.batch_size} is not divisible by "
+            f"training.grad_accumulation={training.grad_accumulation}"
+        )
     if cfg.distrust.mode not in MODES:
         raise UserError(f"distrust.mode={cfg.distrust.mode} is not one of {', '.join(MODES)}")
     if not 0 <= float(cfg.distrust.lambda_weight) <= 1:
@@ -90,11 +95,11 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     warning = profile_warning(cfg, hardware["id"])
     if warning:
         print(warning, file=sys.stderr)
+    examples = data.validate(cfg.data.train_file)  # before a sweep, not after it
     if cfg.auto_optimize:
         cfg = apply_sweep_winner(cfg)
     output_dir = Path(cfg.paths.output_dir)
     training = cfg.training
-    examples = data.validate(cfg.data.train_file)
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
     model = loaded.model
     mx.reset_peak_memory()  # building or loading the model is not part of training's peak

@@ -1,6 +1,7 @@
 """One trial inside a worker: real training steps of one configuration, measured and pruned."""
 
 import gc
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -12,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from your_ai import data, step
 from your_ai.models import LoadedModel
 
-OOM_MARKERS = ("out of memory", "outofmemory", "unable to allocate", "cudamalloc", "oom")
+# How running out of memory reads on each backend; "oom" only as a word (not in "room").
+OUT_OF_MEMORY = re.compile(r"out of memory|outofmemory|unable to allocate|cudamalloc|\boom\b")
 
 
 @dataclass
@@ -32,8 +34,7 @@ def trial_config(cfg: DictConfig, params: dict) -> DictConfig:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    text = str(err).lower()
-    return any(marker in text for marker in OOM_MARKERS)
+    return OUT_OF_MEMORY.search(str(err).lower()) is not None
 
 
 def stable(times: list[float], peaks: list[int], window: int, tolerance: float) -> bool:
