@@ -152,7 +152,16 @@ def test_killed_and_resumed_run_ends_like_a_straight_one(tmp_path):
     for name in straight:
         assert np.allclose(np.array(straight[name]), np.array(resumed[name]), atol=1e-5), name
     steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").open()]
-    assert steps[-1] == 40
+    assert steps == list(range(1, 41))  # the steps redone after the kill are logged once
+
+    # Resuming with another rank would load mismatched adapters: refused, nothing touched.
+    before = (interrupted / "adapters" / "adapters.safetensors").read_bytes()
+    other = [s for s in settings if not s.startswith("lora.rank")] + ["lora.rank=16"]
+    proc = run_train(interrupted, *other, "training.max_steps=50", "resume=true", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: resume=true: the checkpoint ") and "lora_parameters" in last
+    assert (interrupted / "adapters" / "adapters.safetensors").read_bytes() == before
 
 
 def test_resume_without_checkpoint_is_refused(tmp_path):

@@ -11,6 +11,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from your_ai.errors import UserError
 from your_ai.export import atomic_write
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -72,6 +73,32 @@ def assign_leaves(tree, flat: dict) -> None:
         for part in parents:
             node = node[int(part)] if isinstance(node, list) else node[part]
         node[int(leaf) if isinstance(node, list) else leaf] = value
+
+
+# What a checkpoint's adapters are: resuming with other values would load mismatched weights.
+RESUME_KEYS = ("fine_tune_type", "model", "num_layers", "lora_parameters")
+
+
+def check_resumable(directory: Path, adapter_config: dict) -> None:
+    stored = json.loads((directory / CONFIG_FILE).read_text())
+    for key in RESUME_KEYS:
+        was = json.dumps(stored.get(key), sort_keys=True)
+        now = json.dumps(adapter_config.get(key), sort_keys=True)
+        if was != now:
+            raise UserError(
+                f"resume=true: the checkpoint {directory} was trained with {key} {was}, this "
+                f"run has {now}; resume with the same model and LoRA settings, or train in a new "
+                "directory"
+            )
+
+
+def keep_metrics_until(metrics_file: Path, step: int) -> None:
+    """Drop what a killed run logged after its last checkpoint: the resumed run redoes it."""
+    if not metrics_file.exists():
+        return
+    lines = metrics_file.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(metrics_file, "".join(kept))
 
 
 def restore(directory: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:

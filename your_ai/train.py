@@ -118,12 +118,16 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     latest = checkpoint.latest(checkpoints) if cfg.resume else None
     if cfg.resume and latest is None:
         raise UserError(f"resume=true: no checkpoint in {checkpoints}")
+    adapters = adapter_config(cfg, lora_params)
+    if latest is not None:
+        checkpoint.check_resumable(latest, adapters)
     train_step = step.make_step(model, optimizer, cfg)  # initialises the optimizer state
     first_step, position = 1, 0
+    metrics_file = output_dir / "metrics.jsonl"
     if latest is not None:
         state = checkpoint.restore(latest, model, optimizer)
         first_step, position = state["step"] + 1, state["position"]
-    adapters = adapter_config(cfg, lora_params)
+        checkpoint.keep_metrics_until(metrics_file, state["step"])
     print(
         f"your_ai train | model {cfg.model.name} | {examples} examples in {cfg.data.train_file} | "
         f"batch {training.batch_size}, rank {lora_params['rank']}, layers {cfg.lora.num_layers}, "
@@ -139,7 +143,6 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
         int(training.max_seq_length),
         start=position,
     )
-    metrics_file = output_dir / "metrics.jsonl"
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {}
     bar = tqdm(
