@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from your_ai import attention, cpu_ops, loss, models, step
+from your_ai import attention, cpu_ops, device, loss, models, step
 
 
 def reference(q, k, v, scale):
@@ -129,7 +129,8 @@ def loss_and_grads(cfg, routed: bool, compute_dtype: str, monkeypatch):
             patch.setattr(attention, "use_for_training", lambda model, backend: False)
         step.apply_lora(model, 4, step.lora_parameters(cfg.lora), False, compute_dtype)
     routed_now = sys.modules[type(model).__module__].scaled_dot_product_attention
-    assert hasattr(routed_now, "original") == routed
+    # Metal keeps MLX's own kernels: nothing is routed there.
+    assert hasattr(routed_now, "original") == (routed and device.backend() != "metal")
     for _, module in model.named_modules():
         if hasattr(module, "lora_b"):
             module.lora_b = mx.random.normal(module.lora_b.shape) * 0.02

@@ -22,7 +22,7 @@ from tests.conftest import (
     limit_in_a_gap,
     run_command,
 )
-from your_ai import models, study, sweep, trial
+from your_ai import device, models, study, sweep, trial
 
 SPREAD_GRID = [
     "sweep.grid.batch_size=[2,8]",
@@ -58,7 +58,8 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     header = out.splitlines()[0]
-    for part in ("model tiny", "max memory", "mode quick, 12 configurations", "device cpu"):
+    backend = device.backend()
+    for part in ("model tiny", "max memory", "mode quick, 12 configurations", f"device {backend}"):
         assert part in header
     st = load(tmp_path, "tiny-quick")
     counts = measured_once(st)
@@ -106,7 +107,7 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
         (tmp_path / "sweeps" / "tiny-quick" / "hardware_profile.json").read_text()
     )
     assert hardware["optimal_batch_size"] == 8 and hardware["optimal_lora_layers"] == 24
-    assert len(hardware["all_results"]) == 12 and hardware["hardware"]["backend"] == "cpu"
+    assert len(hardware["all_results"]) == 12 and hardware["hardware"]["backend"] == backend
 
     # Rerunning the same command measures nothing again.
     again = run_command(sweep_command(tmp_path, "mode=quick"), timeout=600)
@@ -366,8 +367,6 @@ def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
 
 def study_as_the_sweep_makes_it(tmp_path, overrides):
     """The study the sweep command will open with `overrides`, made here first."""
-    from your_ai import device
-
     cfg = compose_config([*isolated(tmp_path), *overrides])
     space = study.search_space(cfg.sweep.grid)
     settings = sweep.study_settings(cfg, space, device.describe(), float(cfg.sweep.max_memory_gb))

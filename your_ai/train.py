@@ -213,10 +213,15 @@ def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m your_ai.train` and `your-ai-train`: with OpenBLAS and tcmalloc preloaded."""
     blas.reexec_with_blas(
         "off" if "blas=off" in sys.argv else "auto",
         "your_ai.train",
         "off" if "allocator=off" in sys.argv else "auto",
     )
     main()
+
+
+if __name__ == "__main__":
+    cli()
