@@ -36,9 +36,9 @@ def digest(path) -> str:
             ["sweep.grid.num_layers=[-8]"],
             "error: sweep.grid.num_layers: -8 is not a positive integer",
         ),
-        (["sweep.margin=1.5"], "error: sweep.margin=1.5 is outside [0, 1)"),
+        (["sweep.margin=1.5"], "error: sweep.margin=1.5 must be in [0, 1)"),
         (["sweep.steps=abc"], "error: sweep.steps=abc must be an integer >= 1"),
-        (["sweep.margin=x"], "error: sweep.margin=x must be a number [0, 1)"),
+        (["sweep.margin=x"], "error: sweep.margin=x must be a number in [0, 1)"),
         (["sweep.heartbeat_interval_s=0"], "error: sweep.heartbeat_interval_s=0 must be >= 1"),
         (
             ["training.grad_accumulation=4"],

@@ -18,12 +18,17 @@ def integer(cfg: DictConfig, key: str, minimum: int) -> int:
     return value
 
 
-def number(cfg: DictConfig, key: str, low: float, high: float | None = None) -> float:
-    """A number in [low, high) (high: None for no upper bound)."""
+def number(
+    cfg: DictConfig, key: str, low: float, high: float | None = None, above: bool = False
+) -> float:
+    """A number in [low, high), or (low, high) with `above`; no upper bound when high is None."""
     value = _value(cfg, key)
-    interval = f"[{low:g}, {high:g})" if high is not None else f">= {low:g}"
+    if high is not None:
+        allowed = f"in {'(' if above else '['}{low:g}, {high:g})"
+    else:
+        allowed = f"{'>' if above else '>='} {low:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise UserError(f"{key}={value} must be a number {interval}")
-    if value < low or (high is not None and value >= high):
-        raise UserError(f"{key}={value} is outside {interval}")
+        raise UserError(f"{key}={value} must be a number {allowed}")
+    if value < low or (above and value == low) or (high is not None and value >= high):
+        raise UserError(f"{key}={value} must be {allowed}")
     return float(value)

@@ -112,6 +112,8 @@ def is_final_failure(trial: FrozenTrial, max_retry: int) -> bool:
     same way), or its sweep died and the retries are spent (Optuna queued no retry)."""
     if trial.state != TrialState.FAIL or trial.system_attrs.get(SURPLUS_ATTR):
         return False
+    if "duplicate_of" in trial.user_attrs:
+        return False  # yielded its point to an earlier trial; never measured anything
     if trial.user_attrs.get("state") == "failed":
         return True
     return len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) >= max_retry
@@ -312,7 +314,7 @@ def recover_dead_trials(study, max_retry: int, grace_s: float) -> list[int]:
             # This host's dead sweeps are known at once: no need to wait for the grace period.
             dead = owner.get("host") == host and not is_alive(owner)
         else:
-            # Claimed by nobody (its sweep died between ask and claim, or an older version's).
+            # Claimed by nobody: its sweep died between ask and claim.
             started = t.datetime_start or now
             dead = (now - started).total_seconds() > grace_s
         if dead and give_back(study, t._trial_id, max_retry):

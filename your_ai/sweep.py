@@ -39,16 +39,16 @@ def check_config(cfg: DictConfig) -> dict:
     warmup = checks.integer(cfg, "sweep.warmup_steps", 0)
     if steps <= warmup:
         raise UserError(f"sweep.steps={steps} must exceed sweep.warmup_steps={warmup}")
-    if sweep.max_memory_gb is not None and checks.number(cfg, "sweep.max_memory_gb", 0) == 0:
-        raise UserError(f"sweep.max_memory_gb={sweep.max_memory_gb} must be positive")
+    if sweep.max_memory_gb is not None:
+        checks.number(cfg, "sweep.max_memory_gb", 0, above=True)
     checks.integer(cfg, "sweep.stable_steps", 1)
     checks.number(cfg, "sweep.stable_tolerance", 0)
     for key in ("heartbeat_interval_s", "grace_period_s"):
         checks.integer(cfg, f"sweep.{key}", 1)  # Optuna's heartbeat takes whole seconds
     checks.integer(cfg, "sweep.max_retry", 0)
     for key in ("worker_start_timeout_s", "first_step_timeout_s", "min_step_timeout_s"):
-        checks.number(cfg, f"sweep.{key}", 1)
-    checks.number(cfg, "sweep.step_timeout_factor", 1)
+        checks.number(cfg, f"sweep.{key}", 0, above=True)
+    checks.number(cfg, "sweep.step_timeout_factor", 0, above=True)
     if cfg.lora.compute_dtype not in LORA_COMPUTE_DTYPES:
         choices = ", ".join(LORA_COMPUTE_DTYPES)
         raise UserError(f"lora.compute_dtype={cfg.lora.compute_dtype} is not one of {choices}")
