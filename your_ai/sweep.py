@@ -426,8 +426,15 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
 def main(cfg: DictConfig) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     summary = run(cfg)
-    if summary["best"] is None:
-        sys.exit(1)
+    if summary["best"] is None and not multirun():
+        sys.exit(1)  # in a multirun the other jobs still run; each prints its own answer
+
+
+def multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":
