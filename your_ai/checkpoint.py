@@ -96,8 +96,13 @@ def keep_metrics_until(metrics_file: Path, step: int) -> None:
     """Drop what a killed run logged after its last checkpoint: the resumed run redoes it."""
     if not metrics_file.exists():
         return
-    lines = metrics_file.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in metrics_file.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the kill
     atomic_write(metrics_file, "".join(kept))
 
 

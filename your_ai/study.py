@@ -282,7 +282,8 @@ def give_back(study, trial_id: int, max_retry: int) -> bool:
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False  # another worker recovered it first
-    failed = copy.copy(storage.get_trial(trial_id))
+    # A deep copy: the callback appends to retry_history, which a journal storage shares.
+    failed = copy.deepcopy(storage.get_trial(trial_id))
     # The retry is nobody's until a worker claims it.
     failed.system_attrs = {k: v for k, v in failed.system_attrs.items() if k != WORKER_ATTR}
     RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, failed)
