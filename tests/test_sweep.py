@@ -9,6 +9,7 @@ import time
 import optuna
 import psutil
 import pytest
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -172,8 +173,8 @@ def wait_for(predicate, timeout=300, every=0.1):
 def running_trial(tmp, name, min_number=1):
     try:
         st = load(tmp, name)
-    except KeyError:
-        return None
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+        return None  # no study yet, or the sweep is still creating the database's tables
     running = [t for t in st.get_trials(states=(TrialState.RUNNING,)) if t.number >= min_number]
     return running[0] if running else None
 
@@ -222,6 +223,64 @@ def test_sweep_killed_mid_trial_then_rerun_measures_every_point_once(tmp_path):
     assert retried[0].params == victim.params
     best = max(st.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
     assert study.score(best.params) == 2 * 8 * 4  # the same winner as an uninterrupted run
+
+
+# Two points whose trials take seconds each, so the signal lands mid-trial on a loaded machine.
+INTERRUPTED_GRID = [
+    "sweep.grid.batch_size=[1,2]",
+    "sweep.grid.rank=[4]",
+    "sweep.grid.num_layers=[2]",
+    "sweep.steps=300",
+    "sweep.warmup_steps=1",
+    "sweep.early_stop=false",
+    "training.max_seq_length=64",
+    "sweep.study_name=stopped",
+    "sweep.export=false",
+    "sweep.max_retry=0",  # a sweep that died would leave its point unmeasured for good
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "whole_group", "status"),
+    [(signal.SIGINT, True, -signal.SIGINT), (signal.SIGTERM, False, 128 + signal.SIGTERM)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_an_interrupted_sweep_spends_no_retry_and_the_next_run_measures_its_point(
+    tmp_path, sig, whole_group, status
+):
+    proc = subprocess.Popen(
+        sweep_command(tmp_path, *INTERRUPTED_GRID),
+        cwd=ROOT,
+        env=command_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for(
+        lambda: (t := running_trial(tmp_path, "stopped", min_number=0)) and len(t.params) == 3
+    )
+    time.sleep(0.2)  # mid-trial
+    # Ctrl-C signals the terminal's whole process group, worker included; kill the sweep alone.
+    os.killpg(proc.pid, sig) if whole_group else proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == status, stderr[-3000:]
+    st = load(tmp_path, "stopped")
+    assert not st.get_trials(states=(TrialState.RUNNING,))
+    (victim,) = [t for t in st.trials if t.user_attrs.get("interrupted")]
+    assert victim.state == TrialState.FAIL and len(victim.params) == 3
+    (retry,) = st.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == victim.params and "interrupted" not in retry.user_attrs
+    assert not study.is_final_failure(victim, 0)
+
+    rerun = run_command(sweep_command(tmp_path, *INTERRUPTED_GRID), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "not measured" not in rerun.stdout and "sweep that died" not in rerun.stdout
+    st = load(tmp_path, "stopped")
+    counts = measured_once(st)
+    assert len(counts) == 2 and set(counts.values()) == {1}
+    assert st.trials[retry.number].state == TrialState.COMPLETE
 
 
 @pytest.mark.slow
@@ -363,6 +422,28 @@ def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
     assert not study.give_back(st, taken._trial_id, 3)
     (retry,) = st.get_trials(states=(TrialState.WAITING,))
     assert retry.system_attrs["grid_id"] == 0 and study.WORKER_ATTR not in retry.system_attrs
+
+
+def test_interruptions_spend_no_retry_deaths_do(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
+    space = study.search_space(cfg.sweep.grid)
+    settings = {"objective": "score"}
+    st = study.open_study(study.open_storage(url, cfg.sweep), url, "s", settings, space, 1)
+
+    def take_and_give_back(interrupted):
+        taken = st.ask()
+        assert st._storage.get_trial_system_attrs(taken._trial_id)["grid_id"] == 0
+        study.claim(st, taken._trial_id)
+        assert study.give_back(st, taken._trial_id, 1, interrupted=interrupted)
+        return st._storage.get_trial(taken._trial_id)
+
+    chain = [take_and_give_back(i) for i in (True, True, False, False)]
+    # Two interruptions, then the one retry sweep.max_retry=1 allows, then no more.
+    assert [study.is_final_failure(t, 1) for t in chain] == [False, False, False, True]
+    assert not st.get_trials(states=(TrialState.WAITING,))
+    assert [t.number for t in study.given_up(st, 1)] == [chain[-1].number]
+    assert chain[-1].system_attrs[study.INTERRUPTED_ATTR] == [chain[0].number, chain[1].number]
 
 
 def study_as_the_sweep_makes_it(tmp_path, overrides):

@@ -37,6 +37,8 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 AXES = {"batch_size": "training.batch_size", "rank": "lora.rank", "num_layers": "lora.num_layers"}
 WORKER_ATTR = "your_ai:worker"
 SURPLUS_ATTR = "your_ai:surplus"
+# Numbers in a retry's retry_history whose sweep was interrupted rather than died.
+INTERRUPTED_ATTR = "your_ai:interrupted"
 MEASURED = (TrialState.COMPLETE, TrialState.PRUNED)
 CLAIMED = (TrialState.RUNNING, TrialState.WAITING, *MEASURED)
 
@@ -116,7 +118,39 @@ def is_final_failure(trial: FrozenTrial, max_retry: int) -> bool:
         return False  # yielded its point to an earlier trial; never measured anything
     if trial.user_attrs.get("state") == "failed":
         return True
-    return len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) >= max_retry
+    if trial.user_attrs.get("interrupted"):
+        return False  # given back by a sweep stopped on purpose: its retry holds the point
+    return spent_retries(trial) >= max_retry
+
+
+def spent_retries(trial: FrozenTrial) -> int:
+    """Earlier trials of this grid point whose sweep died; a sweep that was interrupted
+    (Ctrl-C, SIGTERM) says nothing about the point, so its trial spends no retry."""
+    interrupted = set(trial.system_attrs.get(INTERRUPTED_ATTR, []))
+    history = RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    return sum(1 for number in history if number not in interrupted)
+
+
+class Retry(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a failed trial, counting only the retries `spent_retries` counts."""
+
+    def __call__(self, study, trial: FrozenTrial) -> None:
+        interrupted = bool(trial.user_attrs.get("interrupted"))
+        if not interrupted and self._max_retry is not None:
+            if spent_retries(trial) >= self._max_retry:
+                return
+        # A deep copy: the parent appends to retry_history, which a journal storage shares.
+        retry = copy.deepcopy(trial)
+        # The retry is nobody's until a worker claims it.
+        retry.system_attrs = {k: v for k, v in retry.system_attrs.items() if k != WORKER_ATTR}
+        # The mark belongs to the interrupted trial, not to the retry that inherits its attrs.
+        retry.user_attrs = {k: v for k, v in retry.user_attrs.items() if k != "interrupted"}
+        if interrupted:
+            numbers = [*retry.system_attrs.get(INTERRUPTED_ATTR, []), trial.number]
+            retry.system_attrs = {**retry.system_attrs, INTERRUPTED_ATTR: numbers}
+        # Optuna's own count would stop at max_retry deaths or interruptions alike.
+        unlimited = RetryHeartbeatStaleTrialCallback(None, self._inherit_intermediate_values)
+        unlimited(study, retry)
 
 
 def held_grid_ids(study, max_retry: int, exclude: int | None = None) -> dict[int, int]:
@@ -148,9 +182,7 @@ def rdb_storage(url: str, sweep, attempts: int = 5) -> optuna.storages.RDBStorag
                 url,
                 heartbeat_interval=int(sweep.heartbeat_interval_s),
                 grace_period=int(sweep.grace_period_s),
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                    max_retry=int(sweep.max_retry)
-                ),
+                heartbeat_stale_trial_callback=Retry(max_retry=int(sweep.max_retry)),
                 engine_kwargs={"pool_pre_ping": True},
             )
         except IntegrityError:
@@ -273,20 +305,19 @@ def claim(study_, trial_id: int) -> None:
         study_._storage.record_heartbeat(trial_id)
 
 
-def give_back(study, trial_id: int, max_retry: int) -> bool:
+def give_back(study, trial_id: int, max_retry: int, interrupted: bool = False) -> bool:
     """Fail a running trial and queue it again with the same grid point, as Optuna does for a
-    trial whose heartbeat stopped; False if it was no longer running."""
+    trial whose heartbeat stopped; False if it was no longer running. An `interrupted` trial
+    (its sweep was stopped on purpose) is always queued again and spends none of `max_retry`."""
     storage = study._storage
     try:
+        if interrupted:
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
         if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False  # another worker recovered it first
-    # A deep copy: the callback appends to retry_history, which a journal storage shares.
-    failed = copy.deepcopy(storage.get_trial(trial_id))
-    # The retry is nobody's until a worker claims it.
-    failed.system_attrs = {k: v for k, v in failed.system_attrs.items() if k != WORKER_ATTR}
-    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, failed)
+    Retry(max_retry=max_retry)(study, storage.get_trial(trial_id))
     return True
 
 

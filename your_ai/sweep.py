@@ -5,6 +5,7 @@ steps in a worker process and is pruned when its margin-adjusted peak memory pas
 every configuration at least as large as a pruned one is pruned without running.
 """
 
+import signal
 import sys
 import time
 
@@ -217,6 +218,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
         disable=None,
     )
     waiting_said = False
+    trial = None
     try:
         while True:
             with study.claim_lock(st):
@@ -266,12 +268,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                 beat = Heartbeat(
                     st._storage, trial._trial_id, float(cfg.sweep.heartbeat_interval_s)
                 )
-                try:
-                    result = worker.run(params, limits, lambda s: None, beat)
-                except BaseException:
-                    # Interrupted: give the trial back so the next run measures it.
-                    study.give_back(st, trial._trial_id, max_retry)
-                    raise
+                result = worker.run(params, limits, lambda s: None, beat)
                 attrs = result_attrs(result, params, worker.info or info, limits)
                 state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
                 objective = "score" if cfg.sweep.objective == "score" else "tokens_per_sec"
@@ -294,6 +291,13 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
             tqdm.write(trial_line(position, size, params, attrs), file=out)
             bar.n = len(study.measured_grid_trials(st))
             bar.refresh()
+    except BaseException as err:
+        if trial is not None:
+            # Give the trial back so the next run measures it (a no-op once it is finished).
+            # Stopping the sweep on purpose says nothing about the point: no retry is spent.
+            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+            study.give_back(st, trial._trial_id, max_retry, interrupted=interrupted)
+        raise
     finally:
         bar.close()
     return ran
@@ -425,9 +429,16 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # SIGTERM (kill, a scheduler's stop) ends the sweep as Ctrl-C does, through the code that
+    # gives the running trial back; by default it would end the process with no cleanup.
+    signal.signal(signal.SIGTERM, terminate)
     summary = run(cfg)
     if summary["best"] is None and not multirun():
         sys.exit(1)  # in a multirun the other jobs still run; each prints its own answer
+
+
+def terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def multirun() -> bool:

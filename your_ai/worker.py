@@ -24,6 +24,9 @@ def worker_main(conn, cfg_container: dict) -> None:
 
     from your_ai import device, models, trial
 
+    # Ctrl-C reaches the whole process group; the sweep decides what it means (it gives the
+    # trial back and stops this worker), so the worker must not die first and look like a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = OmegaConf.create(cfg_container)
     os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))  # before MLX's first GPU work
     try:
