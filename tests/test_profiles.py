@@ -1,14 +1,17 @@
 """Profiles that travel, and Hydra multirun comparing models."""
 
+import shutil
 import uuid
 
 import optuna
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution
 
 from tests.conftest import SMALL_GRID, command, compose_config, run_command
-from your_ai import export
+from your_ai import CONF_DIR, device, export
 
 
 def test_export_list_shows_each_profile_with_its_numbers(small_sweep, tmp_path):
@@ -68,7 +71,7 @@ def test_a_failed_profile_write_leaves_the_previous_profile(tmp_path, monkeypatc
 
 
 def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
-    from your_ai import CONF_DIR, study, sweep
+    from your_ai import study, sweep
 
     swept = compose_config(
         [
@@ -112,3 +115,24 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
     assert applied.lora.compute_dtype == "input"
     assert (applied.training.batch_size, applied.lora.rank, applied.lora.num_layers) == (4, 64, 16)
     assert applied.model.path == swept.model.path  # the embedded model: its own local path
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Intel(R) Xeon(R) CPU @ 2.20GHz", "cpu-intel_xeon_cpu_2.20ghz-31gib"),
+        ("Intel(R) Core(TM) i7-9750H CPU @ 2.60GHz", "cpu-intel_core_i7-9750h_cpu_2.60ghz-31gib"),
+        ("AMD EPYC", "cpu-amd_epyc-31gib"),  # ids already in use keep their names
+    ],
+)
+def test_a_hardware_id_names_a_profile_that_plus_profile_applies(tmp_path, name, expected):
+    hardware = device.hardware_id("cpu", name, 31 * 2**30)
+    assert hardware == expected
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    profile = conf / "profile" / f"tiny-{hardware}.yaml"
+    profile.write_text("# @package _global_\ntraining:\n  batch_size: 3\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        applied = compose(config_name="config", overrides=[f"+profile={profile.stem}"])
+    assert applied.training.batch_size == 3

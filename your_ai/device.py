@@ -1,6 +1,7 @@
 """What MLX runs on and how much memory it may use, through MLX's device-neutral APIs."""
 
 import platform
+import re
 
 import mlx.core as mx
 import psutil
@@ -33,9 +34,20 @@ def describe() -> dict:
         "backend": kind,
         "name": name,
         "memory_gb": round(total / 1e9, 1),
-        # Two machines share measurements only if this matches: same kind, card and memory.
-        "id": f"{kind}-{name}-{round(total / 2**30)}GiB".replace(" ", "_").lower(),
+        "id": hardware_id(kind, name, total),
     }
+
+
+def hardware_id(kind: str, name: str, memory: int) -> str:
+    """`<backend>-<device name>-<memory>gib`, e.g. `cpu-intel_xeon_cpu_2.20ghz-31gib`.
+
+    Two machines share measurements only if this matches: same kind, card and memory. It names
+    `conf/profile/<model>-<id>.yaml`, so it keeps to what a Hydra override can spell: brand
+    marks like "(R)" go, and every other run of characters outside [a-z0-9.+-] becomes one "_".
+    """
+    device = re.sub(r"\((r|tm|c)\)", " ", name.lower())
+    device = re.sub(r"[^a-z0-9.+-]+", "_", device).strip("_") or "unknown"
+    return f"{kind}-{device}-{round(memory / 2**30)}gib"
 
 
 def process_baseline_bytes() -> int:
