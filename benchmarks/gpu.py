@@ -193,6 +193,8 @@ def main() -> None:
     if "truth" in parts:
         import optuna
 
+        from your_ai import study
+
         for name in (
             "gpu-full-ckpt-nodom",
             "gpu-quick-ckpt-nodom",
@@ -203,10 +205,11 @@ def main() -> None:
                 st = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/optuna.db")
             except KeyError:
                 continue
-            done = [t for t in st.trials if t.state.name == "COMPLETE"]
-            if not done:
+            # The sweep's own answer: equal scores go to the faster point, surplus trials never.
+            ranked = study.ranked_complete(st)
+            if not ranked:
                 continue
-            best = max(done, key=lambda t: t.value)
+            best = ranked[0]
             overrides = [f"{k}={v}" for k, v in best.params.items()] + [
                 "training.grad_checkpoint=true"
             ]

@@ -43,6 +43,8 @@ def main() -> None:
         sys.exit("set YOUR_AI_TEST_POSTGRES (scripts/postgres.sh start <dir> prints it)")
     import optuna
 
+    from your_ai import study
+
     rows = []
     for workers in (1, 4):
         wall, name = run(url, workers, args.overrides)
@@ -56,7 +58,7 @@ def main() -> None:
             if t.state.name in ("COMPLETE", "PRUNED")
         }
         pids = {t.system_attrs.get("your_ai:worker", {}).get("pid") for t in st.trials}
-        best = max((t for t in st.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+        best = study.ranked_complete(st)[0]  # the sweep's answer, ties broken by throughput
         rows.append(
             [
                 workers,
