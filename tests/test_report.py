@@ -179,3 +179,20 @@ def test_command_line(swept):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == f"report: {out / 'limited'} (4 maps, 6 interactive plots)"
     assert len(list((out / "limited").glob("*.png"))) == 4
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0.14, "0.140"),
+        (19.0, "19.0"),
+        (141.2, "141"),
+        (999.4, "999"),
+        (999.7, "1000"),
+        (1600.0, "1600"),
+        (1234.6, "1235"),
+        (12345.0, "12345"),
+    ],
+)
+def test_gb_prints_plain_numbers_at_any_size(value, text):
+    assert report.gb(value) == text

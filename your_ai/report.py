@@ -32,8 +32,12 @@ TOKENS = "tokens_per_sec"
 
 
 def gb(value: float) -> str:
-    # Three significant digits, keeping trailing zeros ("19.0", "0.140") so cells line up.
-    return f"{value:#.3g}".rstrip(".")
+    # Three significant digits, keeping trailing zeros ("19.0", "0.140") so cells line up;
+    # from 1000 up, whole numbers: three digits would need an exponent ("1.60e+03").
+    text = f"{value:#.3g}"
+    if "e+" in text:
+        return f"{value:.0f}"
+    return text.rstrip(".")
 
 
 def settings_of(st) -> dict:
