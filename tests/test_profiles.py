@@ -5,6 +5,7 @@ import uuid
 
 import optuna
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -32,6 +33,26 @@ def test_export_list_shows_each_profile_with_its_numbers(small_sweep, tmp_path):
         best.params["lora.rank"],
         best.params["lora.num_layers"],
     )
+
+
+def test_export_list_reads_paths_profiles_and_shows_what_a_partial_profile_has(tmp_path):
+    full = (CONF_DIR / "profile" / "tiny-cpu-amd_epyc-24gib.yaml").read_text()
+    (tmp_path / "full.yaml").write_text(full)
+    partial = yaml.safe_load(full)
+    for key in ("peak_memory_mb", "tokens_per_sec", "device", "created_at"):
+        del partial["measured"][key]
+    del partial["lora"]
+    (tmp_path / "partial.yaml").write_text(yaml.safe_dump(partial))
+    (tmp_path / "other.yaml").write_text("- not\n- a profile\n")
+    proc = run_command(
+        command("your_ai.export", "--list", f"paths.profiles={tmp_path}"), timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"full", "partial", "other"}
+    assert rows["full"][1:6] == ["8", "128", "24", "332", "3403"]
+    assert rows["partial"][1:] == ["8", "-", "-", "-", "-", "tiny", "on", "-", "(-)"]
+    assert "(not a your_ai profile)" in " ".join(rows["other"])
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """`python -m your_ai.export`: the study's best trial as a Hydra profile and a hardware profile.
 
 `conf/profile/best.yaml` is applied with `+profile=best`; each export is also kept as
-`conf/profile/<model>-<hardware>.yaml`. `python -m your_ai.export --list` shows them all.
+`conf/profile/<model>-<hardware>.yaml`. `python -m your_ai.export --list` shows them all (those
+in `paths.profiles`, which an override on the same command line moves).
 """
 
 import json
@@ -152,6 +153,18 @@ def export(cfg: DictConfig, st, out=sys.stdout) -> dict | None:
     return document
 
 
+def number(value, width: int) -> str:
+    """A number right-aligned in `width`, whole; "-" where the profile does not have it."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:>{width}.0f}"
+    return f"{'-':>{width}}"
+
+
+def section(doc: dict, key: str) -> dict:
+    value = doc.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def list_profiles(directory: Path, out=sys.stdout) -> int:
     files = sorted(directory.glob("*.yaml"))
     if not files:
@@ -165,17 +178,41 @@ def list_profiles(directory: Path, out=sys.stdout) -> int:
     for path in files:
         try:
             doc = yaml.safe_load(path.read_text())
-            m, t, lo = doc["measured"], doc["training"], doc["lora"]
-        except (yaml.YAMLError, KeyError, TypeError):
+        except (yaml.YAMLError, OSError):
+            doc = None
+        is_dict = isinstance(doc, dict)
+        sections = [section(doc, k) for k in ("measured", "training", "lora")] if is_dict else []
+        if not any(sections):
             print(f"{path.stem:<44} (not a your_ai profile)", file=out)
             continue
+        # A profile written by hand or by an older version may lack some of these: show "-".
+        m, t, lo = sections
+        where = (
+            f"{m.get('model') or '-'} on {m.get('device') or '-'} ({m.get('created_at') or '-'})"
+            if m
+            else "-"
+        )
         print(
-            f"{path.stem:<44} {t['batch_size']:>5} {lo['rank']:>5} {lo['num_layers']:>6} "
-            f"{m['peak_memory_mb']:>9.0f} {m['tokens_per_sec']:>8.0f}  "
-            f"{m['model']} on {m['device']} ({m['created_at']})",
+            f"{path.stem:<44} {number(t.get('batch_size'), 5)} {number(lo.get('rank'), 5)} "
+            f"{number(lo.get('num_layers'), 6)} {number(m.get('peak_memory_mb'), 9)} "
+            f"{number(m.get('tokens_per_sec'), 8)}  {where}",
             file=out,
         )
     return len(files)
+
+
+def profiles_directory(overrides: list[str]) -> Path:
+    """`paths.profiles` as the command line's overrides leave it (by default conf/profile)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        return Path(cfg.paths.profiles)
+    except HydraException as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{' '.join(overrides)}: {first}") from None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -195,13 +232,17 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+@exit_on_user_error
 def cli() -> None:
-    """`--list [DIR]` lists the profiles (default conf/profile); anything else is the Hydra app."""
+    """`--list [DIR] [overrides]` lists the profiles in DIR (default: `paths.profiles`);
+    anything else is the Hydra app."""
     if "--list" in sys.argv:
-        from your_ai import PROJECT_ROOT
-
-        rest = sys.argv[sys.argv.index("--list") + 1 :]
-        list_profiles(Path(rest[0]) if rest else PROJECT_ROOT / "conf" / "profile")
+        args = [a for a in sys.argv[1:] if a != "--list"]
+        overrides = [a for a in args if "=" in a]
+        directories = [a for a in args if "=" not in a]
+        if len(directories) > 1:
+            raise UserError(f"--list takes one directory, not {' '.join(directories)}")
+        list_profiles(Path(directories[0]) if directories else profiles_directory(overrides))
         return
     main()
 
