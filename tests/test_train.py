@@ -163,6 +163,20 @@ def test_killed_and_resumed_run_ends_like_a_straight_one(tmp_path):
     assert last.startswith("error: resume=true: the checkpoint ") and "lora_parameters" in last
     assert (interrupted / "adapters" / "adapters.safetensors").read_bytes() == before
 
+    # An optimizer state laid out per adapter matrix (as another version wrote it) is refused.
+    latest = checkpoint.latest(interrupted / "checkpoints")
+    per_matrix = {
+        f"{name}.{moment}": mx.zeros(value.shape)
+        for name, value in mx.load(str(latest / "adapters.safetensors")).items()
+        for moment in ("m", "v")
+    }
+    mx.save_safetensors(str(latest / "optimizer.safetensors"), {**per_matrix, "step": mx.array(1)})
+    proc = run_train(interrupted, *settings, "training.max_steps=50", "resume=true", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: resume=true: the optimizer state in ") and str(latest) in last
+    assert (interrupted / "adapters" / "adapters.safetensors").read_bytes() == before
+
 
 def test_resume_without_checkpoint_is_refused(tmp_path):
     proc = run_train(tmp_path, "resume=true", check=False)
@@ -222,3 +236,57 @@ def test_gradient_accumulation_equals_one_large_batch(make_cfg, tmp_path):
         results.append(dict(tree_flatten(loaded.model.trainable_parameters())))
     for name, value in results[0].items():
         assert np.allclose(np.array(value), np.array(results[1][name]), atol=1e-5), name
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_one_vector_update_equals_mlx_adamw_per_matrix(make_cfg, tmp_path, grad_clip):
+    """The compiled step updates all adapters as one vector; mlx's AdamW and clip_grad_norm
+    applied per matrix, uncompiled, must give the same adapters (with and without clipping)."""
+    from functools import partial
+
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from your_ai import data, models, step
+    from your_ai.loss import loss_fn
+
+    cfg = make_cfg(
+        "lora.rank=4",
+        "lora.num_layers=3",
+        f"paths.models={tmp_path}/models",
+        "training.learning_rate=1e-2",
+        "training.warmup_steps=0",
+        f"training.grad_clip={grad_clip}",
+    )
+    results = []
+    for ours in (True, False):
+        loaded = models.load(cfg.model, cfg.paths.models)
+        mx.random.seed(0)
+        step.apply_lora(loaded.model, 3, step.lora_parameters(cfg.lora), False)
+        model = loaded.model
+        optimizer = step.make_optimizer(cfg.training, 10)
+        batch = next(data.iterate_batches(ROOT / "data" / "sample.jsonl", loaded.tokenizer, 4, 64))
+        micro = step.split_micro_batches(batch, 1)
+        if ours:
+            train_step = step.make_step(model, optimizer, cfg)
+            for _ in range(4):
+                out = train_step(micro)
+                mx.eval(out.loss, model.state, optimizer.state)
+        else:
+            d = cfg.distrust
+            loss = partial(loss_fn, alpha=d.alpha, lambda_weight=d.lambda_weight, mode=str(d.mode))
+            loss_and_grad = nn.value_and_grad(model, loss)
+            for _ in range(4):
+                _, grads = loss_and_grad(model, *micro[0])
+                if grad_clip:
+                    grads, norm = optim.clip_grad_norm(grads, grad_clip)
+                    assert norm.item() > grad_clip  # clipping is exercised
+                optimizer.update(model, grads)
+                mx.eval(model.state, optimizer.state)
+        results.append(dict(tree_flatten(model.trainable_parameters())))
+    assert results[0].keys() == results[1].keys()
+    for name, value in results[0].items():
+        assert np.allclose(np.array(value), np.array(results[1][name]), atol=2e-5), name
+    assert any(
+        float(mx.abs(v).max()) > 1e-3 for k, v in results[0].items() if "lora_b" in k
+    )  # the adapters did train (lora_b starts at zero)

@@ -108,7 +108,14 @@ def keep_metrics_until(metrics_file: Path, step: int) -> None:
 
 def restore(directory: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
     """Load adapters and optimizer state; returns state.json."""
+    saved = mx.load(str(directory / "optimizer.safetensors"))
+    expected = dict(tree_flatten(optimizer.state))
+    if saved.keys() != expected.keys() or any(saved[k].shape != expected[k].shape for k in saved):
+        raise UserError(
+            f"resume=true: the optimizer state in {directory} does not match this trainer's "
+            "(it was written by another version); train in a new directory"
+        )
     model.load_weights(str(directory / ADAPTER_FILE), strict=False)
-    assign_leaves(optimizer.state, mx.load(str(directory / "optimizer.safetensors")))
+    assign_leaves(optimizer.state, saved)
     mx.eval(model.parameters(), optimizer.state)
     return json.loads((directory / "state.json").read_text())
