@@ -3,28 +3,37 @@
 On x86 Linux, MLX's CPU `exp` (and with it softmax, sigmoid and SiLU) runs one element at a time,
 about 10 ns each, while the arithmetic of a compiled graph is fused and vectorised: a causal
 attention of a small model then spends most of a training step in softmax. Here exp is written in
-that fused arithmetic (a range reduction to 2^n * 2^f and a degree-6 polynomial, as accurate as
+that fused arithmetic (a range reduction to 2^n * 2^f and a degree-5 polynomial, as accurate as
 `mx.exp` to within 2e-7 relative), and softmax and SwiGLU get their gradients written out.
 """
 
 import mlx.core as mx
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # Adding 1.5 * 2^23 to a float32 of magnitude below 2^22 rounds it to the nearest integer, which
-# then sits in the low mantissa bits.
+# then sits in the low mantissa bits; subtracting these bits less the exponent bias leaves n + 127.
 ROUNDER = 12582912.0
-ROUNDER_BITS = 0x4B400000
+ROUNDER_BITS_LESS_BIAS = 0x4B400000 - 127
+# 2^f - 1 on [-1/2, 1/2], fitted for the least relative error in 2^f (9e-8): one degree fewer
+# than Taylor needs for the same accuracy, and an operation saved here is saved ~100 times in a
+# compiled step's graph. No constant term, so exp(0) is exactly 1.
+EXP2_MINUS_1 = (
+    0.6931469775917521,
+    0.24022242080516765,
+    0.05550733753880968,
+    0.00967151286251565,
+    0.0013264724002933354,
+)
 
 
 def fast_exp(x: mx.array) -> mx.array:
     """exp(x) in float32 from fused arithmetic; exactly 0 below about -88."""
     y = mx.clip(x.astype(mx.float32) * LOG2E, -127.0, 127.0)
     rounded = y + ROUNDER
-    n = rounded - ROUNDER
-    z = (y - n) * LN2  # |z| <= ln2 / 2
-    poly = 1.0 + z * (1.0 + z * (0.5 + z * (1 / 6 + z * (1 / 24 + z * (1 / 120 + z / 720)))))
-    two_to_n = ((rounded.view(mx.int32) - ROUNDER_BITS + 127) << 23).view(mx.float32)
+    f = y - (rounded - ROUNDER)  # |f| <= 1/2
+    c1, c2, c3, c4, c5 = EXP2_MINUS_1
+    poly = 1.0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * c5))))
+    two_to_n = ((rounded.view(mx.int32) - ROUNDER_BITS_LESS_BIAS) << 23).view(mx.float32)
     return poly * two_to_n
 
 
