@@ -35,8 +35,35 @@ def test_export_list_shows_each_profile_with_its_numbers(small_sweep, tmp_path):
     )
 
 
+# A profile as `python -m your_ai.sweep` writes it (trimmed to what --list shows).
+FULL_PROFILE = """\
+# @package _global_
+defaults:
+- override /model: tiny
+training:
+  batch_size: 8
+  max_seq_length: 128
+  grad_checkpoint: false
+lora:
+  rank: 128
+  alpha: 256
+  num_layers: 24
+measured:
+  study: tiny-quick
+  trial: 11
+  model: tiny
+  hardware: cpu-amd_epyc-24gib
+  device: AMD EPYC
+  backend: cpu
+  peak_memory_mb: 331.7
+  step_time_s: 0.3009
+  tokens_per_sec: 3403.3686
+  created_at: '2026-11-26T01:51:01+00:00'
+"""
+
+
 def test_export_list_reads_paths_profiles_and_shows_what_a_partial_profile_has(tmp_path):
-    full = (CONF_DIR / "profile" / "tiny-cpu-amd_epyc-24gib.yaml").read_text()
+    full = FULL_PROFILE
     (tmp_path / "full.yaml").write_text(full)
     partial = yaml.safe_load(full)
     for key in ("peak_memory_mb", "tokens_per_sec", "device", "created_at"):

@@ -383,9 +383,11 @@ def test_early_stop_ends_a_trial_with_the_peak_of_the_full_run(tmp_path):
     stopped = trial.measure(loaded, early, params, limits)
     ran = trial.measure(loaded, full, params, limits)
     assert stopped["early_stopped"] and stopped["steps_run"] < ran["steps_run"] == 20
-    # Peaks of the same configuration move by a few tens of KB between trials; the optimizer's
-    # state alone (~0.5 MB here) is several times this tolerance.
-    assert stopped["peak_bytes"] == pytest.approx(ran["peak_bytes"], rel=0.005)
+    # The same step's peak moves from step to step and between trials by up to a few
+    # activation-sized tensors (4 x batch x seq x hidden floats at most, measured; 1.5 % of this
+    # small model's 17 MB); the optimizer's state (~0.5 MB here) is twice that.
+    activation = 4 * 64 * int(full.model.architecture.hidden_size) * 4
+    assert abs(stopped["peak_bytes"] - ran["peak_bytes"]) <= 4 * activation
 
 
 def test_a_hung_trial_is_killed_after_its_timeout_and_recorded(tmp_path):
