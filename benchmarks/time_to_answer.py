@@ -211,6 +211,7 @@ def main() -> None:
         )
         spent.append(a["total_s"] + load_s / len(trials_a))
     shares = [f / s for f, s in zip(fixed, spent, strict=True)]
+    outside = wall_a - sum(t.user_attrs.get("total_s", 0.0) for t in trials_a)
     winner = best_a
     winner_trial = next(t for t in trials_a if key(t.params) == winner)
     truth = memory_truth(
@@ -237,6 +238,9 @@ def main() -> None:
         f"compiled step beyond a normal step): median {statistics.median(shares):.1%}, max "
         f"{max(shares):.1%} of the trial's time, {sum(fixed) / sum(spent):.1%} of all trials' "
         "time (target <= 10 %)\n"
+        f"- the rest of (a)'s wall time, outside the trials' own: {outside:.1f} of {wall_a:.1f} s "
+        f"({outside / wall_a:.0%}: process start, model load, storing results, the reset between "
+        "trials, the report)\n"
         f"- memory truth: winner {winner} trained {truth['steps']} steps on data/sample.jsonl "
         f"joined 8 examples to a line (at least {truth['min_tokens']} tokens a step; "
         f"{winner[0]} x {seq} is full length): "

@@ -4,6 +4,7 @@ A worker that dies (Metal's out-of-memory is often an abort) or hangs (MLX's CUD
 hang when memory runs out) is replaced; the trial it was running is recorded as pruned.
 """
 
+import gc
 import multiprocessing as mp
 import os
 import signal
@@ -43,6 +44,11 @@ def worker_main(conn, cfg_container: dict) -> None:
             blas=blas.active_blas(),
             pid=os.getpid(),
         )
+        # Everything the worker keeps for its life (the model, the imported modules) leaves the
+        # collector's view: the collections around each trial, which free that trial's reference
+        # cycles before the next one measures, then scan only what trials create (~1 ms instead
+        # of ~60 ms each on the tiny model).
+        gc.freeze()
         conn.send(("ready", info))
     except UserError as err:
         conn.send(("user_error", str(err)))
