@@ -160,6 +160,23 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):
     assert study.score(best.params) == max(study.score(p) for p in feasible)
 
 
+def sweep_mid_trial(tmp, grid, name, min_number, stderr=subprocess.DEVNULL):
+    """A sweep in its own process group, returned once a trial numbered `min_number` or later,
+    with all its parameters chosen, has run a moment: some steps done, not all."""
+    proc = subprocess.Popen(
+        sweep_command(tmp, *grid),
+        cwd=ROOT,
+        env=command_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for(lambda: (t := running_trial(tmp, name, min_number)) and len(t.params) == 3)
+    time.sleep(0.2)
+    return proc
+
+
 def wait_for(predicate, timeout=300, every=0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,17 +209,8 @@ SLOW_GRID = [
 
 @pytest.mark.slow
 def test_sweep_killed_mid_trial_then_rerun_measures_every_point_once(tmp_path):
-    proc = subprocess.Popen(
-        sweep_command(tmp_path, *SLOW_GRID),
-        cwd=ROOT,
-        env=command_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    # A trial of the third grid point or later, with all its parameters chosen, is running.
-    wait_for(lambda: (t := running_trial(tmp_path, "killed", min_number=2)) and len(t.params) == 3)
-    time.sleep(0.2)  # mid-trial: some steps done, not all
+    # Mid-trial in a trial of the third grid point or later.
+    proc = sweep_mid_trial(tmp_path, SLOW_GRID, "killed", min_number=2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # Read after the kill: on a loaded machine the trial seen above may have ended meanwhile
@@ -249,19 +257,9 @@ INTERRUPTED_GRID = [
 def test_an_interrupted_sweep_spends_no_retry_and_the_next_run_measures_its_point(
     tmp_path, sig, whole_group, status
 ):
-    proc = subprocess.Popen(
-        sweep_command(tmp_path, *INTERRUPTED_GRID),
-        cwd=ROOT,
-        env=command_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    proc = sweep_mid_trial(
+        tmp_path, INTERRUPTED_GRID, "stopped", min_number=0, stderr=subprocess.PIPE
     )
-    wait_for(
-        lambda: (t := running_trial(tmp_path, "stopped", min_number=0)) and len(t.params) == 3
-    )
-    time.sleep(0.2)  # mid-trial
     # Ctrl-C signals the terminal's whole process group, worker included; kill the sweep alone.
     os.killpg(proc.pid, sig) if whole_group else proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
