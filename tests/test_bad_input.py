@@ -64,6 +64,19 @@ def digest(path) -> str:
             ["model.path=/nonexistent/model", "model.build=false"],
             "error: model.path=/nonexistent/model: no such directory",
         ),
+        (["distrust.mode=bogus"], "error: distrust.mode=bogus is not one of additive, weighted"),
+        (["lora.dropout=1.5"], "error: lora.dropout=1.5 must be in [0, 1)"),
+        (["training.warmup_steps=-1"], "error: training.warmup_steps=-1 must be >= 0"),
+        (["blas=false"], "error: blas=False is not one of auto, off"),
+        (
+            ["model.dtype=float64"],
+            "error: model.dtype=float64 is not one of float32, bfloat16, float16",
+        ),
+        (
+            ["model.quantize={bits:4}"],
+            "error: model.quantize={'bits': 4}: Missing key group_size (expected {bits: 4, "
+            "group_size: 64})",
+        ),
     ],
 )
 def test_sweep_refuses_bad_settings(tmp_path, overrides, message):
@@ -197,3 +210,55 @@ def test_export_without_a_study(tmp_path):
     assert last_line(proc) == (
         f"error: sweep.study_name=nothing: no such study in sqlite:///{tmp_path}/optuna.db"
     )
+
+
+def test_a_lora_key_typo_is_refused_before_a_study_exists(tmp_path):
+    proc = run("your_ai.sweep", tmp_path, "lora.keys=[self_attn.qproj,self_attn.rope]")
+    assert proc.returncode == 2
+    assert last_line(proc) == (
+        "error: lora.keys: self_attn.qproj, self_attn.rope is not a linear module of the "
+        "model's layers (they have mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj, "
+        "self_attn.o_proj, self_attn.q_proj, self_attn.v_proj)"
+    )
+    # Nothing was stored under the bad keys, so the corrected command starts the default study.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    assert optuna.study.get_all_study_names(storage) == []
+
+
+def test_a_quantization_mlx_refuses_is_one_line(tmp_path):
+    proc = run("your_ai.sweep", tmp_path, "model.quantize={bits:4,group_size:48}")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith("error: model.quantize={'bits': 4, 'group_size': 48}: ")
+
+
+def test_a_path_of_ones_own_on_a_built_preset_is_never_built(tmp_path):
+    # The tiny preset builds its model under paths.models; a directory given elsewhere (here a
+    # typo) is loaded as such, so it fails clearly instead of being filled with a random model.
+    typo = tmp_path / "my-modle"
+    proc = run("your_ai.sweep", tmp_path, f"model.path={typo}")
+    assert proc.returncode == 2
+    assert last_line(proc) == f"error: model.path={typo}: no such directory"
+    assert not typo.exists()
+
+
+def test_train_refuses_a_directory_that_holds_a_run(tmp_path):
+    run_dir = tmp_path / "run"  # paths.output_dir, as `isolated` sets it
+    short = ["training.max_steps=2", "training.save_every=2", "lora.num_layers=2", "lora.rank=4"]
+    first = run("your_ai.train", tmp_path, *short, f"hydra.run.dir={tmp_path}/hydra")
+    assert first.returncode == 0, first.stderr[-2000:]
+    kept = {p: digest(p) for p in run_dir.rglob("*") if p.is_file()}
+    assert any(p.name == "metrics.jsonl" for p in kept)
+    proc = run("your_ai.train", tmp_path, *short, f"hydra.run.dir={tmp_path}/hydra")
+    assert proc.returncode == 2
+    assert last_line(proc) == (
+        f"error: {run_dir} already holds a training run (checkpoints): resume=true continues "
+        "it, another hydra.run.dir starts a new one"
+    )
+    assert {p: digest(p) for p in run_dir.rglob("*") if p.is_file()} == kept
+
+
+def test_train_refuses_a_lora_key_typo(tmp_path):
+    proc = run("your_ai.train", tmp_path, "lora.keys=[mlp.upproj]", f"hydra.run.dir={tmp_path}/h")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith("error: lora.keys: mlp.upproj is not a linear module")
+    assert not (tmp_path / "run" / "adapters").exists()

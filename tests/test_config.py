@@ -58,6 +58,22 @@ def test_model_presets():
     assert hermes.training.max_seq_length == 1024
 
 
+def test_model_source_names_the_weights_a_study_measures(tmp_path):
+    from your_ai import sweep
+
+    def source(*overrides):
+        return sweep.model_source(compose_config([f"paths.models={tmp_path}", *overrides]))
+
+    assert source() == "embedded:tiny"
+    assert source("model=small") == "embedded:small"
+    assert source("model=tiny-q4") == "embedded:tiny"  # tiny's weights, quantized on load
+    # The tiny preset pointed at other weights is not the tiny model: its studies stay apart.
+    assert source(f"model.path={tmp_path}/small") == "embedded:small"
+    assert source("model.path=/data/my-model") == "/data/my-model"
+    assert source("model.path=SomeOrg/some-model") == "SomeOrg/some-model"
+    assert source("model=tiny", "model.build=false") == f"{tmp_path}/tiny"
+
+
 def test_small_model_builds_locally_at_six_million_parameters(tmp_path):
     from mlx.utils import tree_flatten
 
@@ -136,3 +152,15 @@ def test_preloads_follow_the_blas_and_allocator_settings(monkeypatch):
     assert blas.preload_env("off", "off") == {}
     monkeypatch.setenv("LD_PRELOAD", tcmalloc)
     assert blas.preload_env("auto", "auto") == {"LD_PRELOAD": f"{openblas} {tcmalloc}"}
+
+
+def test_the_trainer_reads_its_preloads_as_hydra_would():
+    from your_ai.train import preload_setting
+
+    assert preload_setting("blas", []) == "auto"  # conf/config.yaml
+    assert preload_setting("blas", ["++blas=off", "lora.rank=8"]) == "off"
+    assert preload_setting("allocator", ["allocator=auto", "+allocator=off"]) == "off"
+    assert preload_setting("allocator", ["blas=off"]) == "auto"
+    with pytest.raises(SystemExit) as exit_:
+        preload_setting("blas", ["blas=false"])
+    assert exit_.value.code == 2

@@ -509,6 +509,12 @@ def test_a_point_whose_retries_are_spent_is_not_measured_again(tmp_path):
         ("Insufficient Memory (kIOGPUCommandBufferCallbackErrorOutOfMemory)", True),
         ("[malloc] Unable to allocate 4194304 bytes.", True),
         ("CUDA OOM while running the step", True),
+        (
+            "[metal::malloc] Attempting to allocate 13902151680 bytes which is greater than the "
+            "maximum allowed buffer size of 8589934592 bytes.",
+            True,
+        ),
+        ("[metal::malloc] Resource limit (499000) exceeded.", True),
         ("no room left in the compile cache", False),
         ("bloom filter size mismatch", False),
     ],

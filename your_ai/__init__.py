@@ -11,6 +11,9 @@ CONF_DIR = PROJECT_ROOT / "conf"
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
+# distrust.mode, as loss.py defines them. Here because the sweep checks it without importing MLX.
+DISTRUST_MODES = ("additive", "weighted")
+
 # lora.compute_dtype: "float32" promotes the LoRA matmuls as mlx-lm does, "input" keeps the
 # activations' dtype. Here because the sweep checks it without importing MLX.
 LORA_COMPUTE_DTYPES = ("float32", "input")
@@ -20,8 +23,22 @@ def looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
 
 
-def builds_locally(model_cfg) -> bool:
-    """Whether the model is built here from its `architecture` (a `build` preset at a local
-    path); a Hugging Face id given as `model.path` is loaded as such, never built in its place.
-    Here because the sweep decides it without importing MLX."""
-    return bool(model_cfg.build) and looks_local(str(model_cfg.path))
+def embedded_dir(model_cfg, models_dir) -> str | None:
+    """Where under `models_dir` a `build` preset's model lives (built there from `architecture`
+    when missing), relative to it; None for every other model. A `model.path` given elsewhere (a
+    directory of one's own, a typo, a Hugging Face id) is loaded as such, never built in its
+    place. Here because the sweep decides it without importing MLX."""
+    path = str(model_cfg.path)
+    if not model_cfg.build or not looks_local(path):
+        return None
+    try:
+        inside = (
+            Path(path).expanduser().resolve().relative_to(Path(models_dir).expanduser().resolve())
+        )
+    except ValueError:
+        return None
+    return inside.as_posix()
+
+
+def builds_locally(model_cfg, models_dir) -> bool:
+    return embedded_dir(model_cfg, models_dir) is not None

@@ -76,19 +76,22 @@ def assign_leaves(tree, flat: dict) -> None:
 
 
 # What a checkpoint's adapters are: resuming with other values would load mismatched weights.
-RESUME_KEYS = ("fine_tune_type", "model", "num_layers", "lora_parameters")
+# "data": the saved position is a byte offset into the training file.
+RESUME_KEYS = ("fine_tune_type", "model", "data", "num_layers", "lora_parameters")
 
 
 def check_resumable(directory: Path, adapter_config: dict) -> None:
     stored = json.loads((directory / CONFIG_FILE).read_text())
     for key in RESUME_KEYS:
+        if key == "data" and key not in stored:
+            continue  # saved before the file was recorded
         was = json.dumps(stored.get(key), sort_keys=True)
         now = json.dumps(adapter_config.get(key), sort_keys=True)
         if was != now:
             raise UserError(
                 f"resume=true: the checkpoint {directory} was trained with {key} {was}, this "
-                f"run has {now}; resume with the same model and LoRA settings, or train in a new "
-                "directory"
+                f"run has {now}; resume with the same model, data and LoRA settings, or train "
+                "in a new directory"
             )
 
 

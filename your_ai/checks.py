@@ -2,6 +2,7 @@
 
 from omegaconf import DictConfig, OmegaConf
 
+from your_ai import DISTRUST_MODES, LORA_COMPUTE_DTYPES
 from your_ai.errors import UserError
 
 
@@ -32,3 +33,32 @@ def number(
     if value < low or (above and value == low) or (high is not None and value >= high):
         raise UserError(f"{key}={value} must be {allowed}")
     return float(value)
+
+
+def one_of(cfg: DictConfig, key: str, choices: tuple) -> str:
+    value = _value(cfg, key)
+    if value not in choices:
+        raise UserError(f"{key}={value} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def step_settings(cfg: DictConfig) -> None:
+    """What every training step reads, the trainer's and a sweep trial's alike."""
+    checks = (
+        ("training.learning_rate", 0, None, True),
+        ("training.min_lr_ratio", 0, None, False),
+        ("training.weight_decay", 0, None, False),
+        ("training.eps", 0, None, True),
+        ("training.grad_clip", 0, None, False),
+        ("lora.dropout", 0, 1, False),
+        ("distrust.alpha", 0, None, False),
+    )
+    for key, low, high, above in checks:
+        number(cfg, key, low, high, above)
+    integer(cfg, "training.warmup_steps", 0)
+    if not 0 <= number(cfg, "distrust.lambda_weight", 0) <= 1:
+        raise UserError(f"distrust.lambda_weight={cfg.distrust.lambda_weight} is outside [0, 1]")
+    one_of(cfg, "distrust.mode", DISTRUST_MODES)
+    one_of(cfg, "lora.compute_dtype", LORA_COMPUTE_DTYPES)
+    one_of(cfg, "blas", ("auto", "off"))
+    one_of(cfg, "allocator", ("auto", "off"))

@@ -52,8 +52,13 @@ def profile_document(st, trial, url: str) -> dict:
         "quantize": settings["quantize"],
         "random_weights": settings["random_weights"],
     }
-    if not settings["model_source"].startswith("embedded:"):
-        model["path"] = settings["model_source"]
+    source = settings["model_source"]
+    # The embedded model's directory, under this host's paths.models.
+    model["path"] = (
+        "${paths.models}/" + source.removeprefix("embedded:")
+        if source.startswith("embedded:")
+        else source
+    )
     document = {
         "defaults": [{"override /model": settings["model"]}],
         "model": model,

@@ -13,8 +13,9 @@ average to 1, and samples with a larger term (low authority, high provenance ent
 import mlx.core as mx
 import mlx.nn as nn
 
+from your_ai import DISTRUST_MODES as MODES
+
 EPSILON = 1e-8
-MODES = ("additive", "weighted")
 
 
 def distrust_term(auth_weight: mx.array, prov_entropy: mx.array, alpha: float) -> mx.array:

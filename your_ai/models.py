@@ -106,6 +106,22 @@ def embedded_tokenizer(models_dir: Path):
     return load_tokenizer(directory)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def quantize(model: nn.Module, setting: DictConfig) -> None:
+    """The base quantized as `model.quantize` says ({bits, group_size}), or one error line."""
+    try:
+        bits, group_size = int(setting.bits), int(setting.group_size)
+        nn.quantize(model, group_size=group_size, bits=bits)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        given = OmegaConf.to_container(setting) if OmegaConf.is_config(setting) else setting
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"model.quantize={given}: {first} (expected {{bits: 4, group_size: 64}})"
+        ) from None
+
+
 def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> LoadedModel:
     """Load the model `model_cfg` names, frozen, ready for LoRA layers."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
@@ -113,14 +129,17 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
 
     path = str(model_cfg.path)
     local = Path(path).expanduser()
+    dtype = str(model_cfg.dtype)
+    if dtype not in DTYPES:
+        raise UserError(f"model.dtype={dtype} is not one of {', '.join(DTYPES)}")
     architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True)
-    if builds_locally(model_cfg) and not local.exists():
+    if builds_locally(model_cfg, models_dir) and not local.exists():
         build_model_dir(local, architecture, seed)
 
     if model_cfg.random_weights:
         if (local / "config.json").exists():
             architecture = json.loads((local / "config.json").read_text())
-        model = build_from_architecture(architecture, model_cfg.dtype, seed)
+        model = build_from_architecture(architecture, dtype, seed)
         has_tokenizer = (local / "tokenizer_config.json").exists()
         tokenizer = (
             load_tokenizer(local) if has_tokenizer else embedded_tokenizer(Path(models_dir))
@@ -136,12 +155,18 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
         config_file = local / "config.json"
         if config_file.exists():
             architecture = json.loads(config_file.read_text())
+        # What the study and the profile record is what runs: a checkpoint stored in another
+        # precision is cast, as a built one is.
+        wanted = getattr(mx, dtype)
+        floating = [
+            v.dtype
+            for _, v in tree_flatten(model.parameters())
+            if mx.issubdtype(v.dtype, mx.floating)
+        ]
+        if any(d != wanted for d in floating):
+            model.set_dtype(wanted)
     if model_cfg.quantize:
-        nn.quantize(
-            model,
-            group_size=int(model_cfg.quantize.group_size),
-            bits=int(model_cfg.quantize.bits),
-        )
+        quantize(model, model_cfg.quantize)
     model.freeze()
     mx.eval(model.parameters())
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -95,6 +95,33 @@ def _allow_checkpoint(layer_class: type) -> None:
     _CHECKPOINT_PATCHED.add(layer_class)
 
 
+def adaptable(module: nn.Module) -> bool:
+    """Whether mlx-lm's `linear_to_lora_layers` can give `module` an adapter."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    kinds = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+    return hasattr(module, "to_lora") or isinstance(
+        module, (*kinds, nn.Embedding, nn.QuantizedEmbedding)
+    )
+
+
+def check_lora_keys(model: nn.Module, keys: list[str]) -> None:
+    """Every `lora.keys` entry must name a module of the model's layers (or of the model, as
+    mlx-lm also allows) that can take an adapter: mlx-lm skips a key it does not find, so a typo
+    would train, and a sweep measure, fewer adapters than asked for."""
+    found = {name: m for layer in model.layers for name, m in layer.named_modules()}
+    found.update(model.named_modules())
+    wrong = [key for key in keys if key not in found or not adaptable(found[key])]
+    if wrong:
+        linear = sorted(
+            name for name, m in model.layers[-1].named_modules() if name and adaptable(m)
+        )
+        raise UserError(
+            f"lora.keys: {', '.join(wrong)} is not a linear module of the model's layers "
+            f"(they have {', '.join(linear)})"
+        )
+
+
 def apply_lora(
     model: nn.Module,
     num_layers: int,

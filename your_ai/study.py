@@ -71,8 +71,9 @@ def light_first(space: dict[str, list[int]]) -> list[dict]:
 class LightFirstGridSampler(GridSampler):
     """GridSampler whose grid order is light-first instead of shuffled.
 
-    Trial n takes grid point n. A trial numbered past the grid (after retries took numbers) takes
-    the lightest point nobody holds; should two workers pick the same one, the later trial yields.
+    Each new trial takes the lightest point nobody holds (running, queued, measured or failed for
+    good), so a retry, which takes a trial number with its old point, does not push the point of
+    that number to the end; should two workers pick the same one, the later trial yields.
     """
 
     def __init__(self, space: dict[str, list[int]], max_retry: int):
@@ -86,14 +87,11 @@ class LightFirstGridSampler(GridSampler):
         if "grid_id" in attrs or "fixed_params" in attrs:
             return
         storage = study._storage
-        if trial.number < self._n_min_trials:
-            grid_id = trial.number
-        else:
-            held = held_grid_ids(study, self.max_retry)
-            free = [i for i in range(self._n_min_trials) if i not in held]
-            if not free:
-                storage.set_trial_system_attr(trial._trial_id, SURPLUS_ATTR, True)
-            grid_id = free[0] if free else 0
+        held = held_grid_ids(study, self.max_retry)
+        free = [i for i in range(self._n_min_trials) if i not in held]
+        if not free:
+            storage.set_trial_system_attr(trial._trial_id, SURPLUS_ATTR, True)
+        grid_id = free[0] if free else 0
         storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
         storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
 
@@ -131,6 +129,9 @@ def spent_retries(trial: FrozenTrial) -> int:
     return sum(1 for number in history if number not in interrupted)
 
 
+ATTEMPT_ATTRS = ("interrupted", "reason", "traceback")
+
+
 class Retry(RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a failed trial, counting only the retries `spent_retries` counts."""
 
@@ -143,8 +144,9 @@ class Retry(RetryHeartbeatStaleTrialCallback):
         retry = copy.deepcopy(trial)
         # The retry is nobody's until a worker claims it.
         retry.system_attrs = {k: v for k, v in retry.system_attrs.items() if k != WORKER_ATTR}
-        # The mark belongs to the interrupted trial, not to the retry that inherits its attrs.
-        retry.user_attrs = {k: v for k, v in retry.user_attrs.items() if k != "interrupted"}
+        # The marks and the error belong to the trial that stopped, not to the retry that
+        # inherits its attrs.
+        retry.user_attrs = {k: v for k, v in retry.user_attrs.items() if k not in ATTEMPT_ATTRS}
         if interrupted:
             numbers = [*retry.system_attrs.get(INTERRUPTED_ATTR, []), trial.number]
             retry.system_attrs = {**retry.system_attrs, INTERRUPTED_ATTR: numbers}

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from your_ai import CONF_DIR, LORA_COMPUTE_DTYPES, builds_locally, checks, study
+from your_ai import CONF_DIR, checks, embedded_dir, study
 from your_ai.data import validate as validate_data
 from your_ai.errors import UserError, exit_on_user_error
 from your_ai.worker import Worker
@@ -50,9 +50,7 @@ def check_config(cfg: DictConfig) -> dict:
     for key in ("worker_start_timeout_s", "first_step_timeout_s", "min_step_timeout_s"):
         checks.number(cfg, f"sweep.{key}", 0, above=True)
     checks.number(cfg, "sweep.step_timeout_factor", 0, above=True)
-    if cfg.lora.compute_dtype not in LORA_COMPUTE_DTYPES:
-        choices = ", ".join(LORA_COMPUTE_DTYPES)
-        raise UserError(f"lora.compute_dtype={cfg.lora.compute_dtype} is not one of {choices}")
+    checks.step_settings(cfg)
     check_ops_per_buffer(cfg.cuda_ops_per_buffer)
     checks.integer(cfg, "training.max_seq_length", 2)
     accumulation = checks.integer(cfg, "training.grad_accumulation", 1)
@@ -68,10 +66,10 @@ def check_config(cfg: DictConfig) -> dict:
 
 
 def model_source(cfg: DictConfig) -> str:
-    """Where the weights come from, the same on every host (the embedded model's path is not)."""
-    if builds_locally(cfg.model):
-        return f"embedded:{cfg.model.name}"
-    return str(cfg.model.path)
+    """Where the weights come from, the same on every host (the embedded model's path is not):
+    `embedded:<directory under paths.models>` or `model.path` as given."""
+    embedded = embedded_dir(cfg.model, cfg.paths.models)
+    return f"embedded:{embedded}" if embedded is not None else str(cfg.model.path)
 
 
 def dominance_enabled(setting, backend: str, ops_per_buffer: int | None) -> bool:
@@ -112,6 +110,11 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "hardware": info["id"],
         # Decides peak memory on CUDA only; elsewhere it is not set, so it is not a setting.
         **({"cuda_ops_per_buffer": cfg.cuda_ops_per_buffer} if info["backend"] == "cuda" else {}),
+        # Recorded only where they apply, so studies made without them still continue: dropout
+        # draws a mask in every LoRA layer (more memory); random weights have no path to tell
+        # one architecture from another.
+        **({"lora_dropout": float(cfg.lora.dropout)} if cfg.lora.dropout else {}),
+        **({"architecture": info.get("architecture")} if model.random_weights else {}),
     }
 
 
@@ -200,6 +203,14 @@ def has_work(st, size: int, max_retry: int) -> bool:
     return len(study.held_grid_ids(st, max_retry)) < size
 
 
+class TrialError(UserError):
+    """A trial raised something other than running out of memory: a bad setting or a bug. It
+    would fail every point the same way, so the sweep stops rather than record them as failed."""
+
+
+TRACEBACK_CHARS = 8000
+
+
 def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, out) -> int:
     sampler: study.LightFirstGridSampler = st.sampler
     space = {name: sorted(values) for name, values in sampler._search_space.items()}
@@ -269,6 +280,15 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                     st._storage, trial._trial_id, float(cfg.sweep.heartbeat_interval_s)
                 )
                 result = worker.run(params, limits, lambda s: None, beat)
+                if result["state"] == "failed":
+                    trial.set_user_attr("reason", result["reason"])
+                    trial.set_user_attr("traceback", result["traceback"][-TRACEBACK_CHARS:])
+                    raise TrialError(
+                        f"[{position}/{size}] {study.describe_params(params)}: "
+                        f"{result['reason']} (not a memory error; the traceback is stored "
+                        f"with trial {trial.number}, and the next run measures this point "
+                        "again)"
+                    )
                 attrs = result_attrs(result, params, worker.info or info, limits)
                 state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
                 objective = "score" if cfg.sweep.objective == "score" else "tokens_per_sec"
@@ -294,8 +314,9 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
     except BaseException as err:
         if trial is not None:
             # Give the trial back so the next run measures it (a no-op once it is finished).
-            # Stopping the sweep on purpose says nothing about the point: no retry is spent.
-            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+            # Stopping the sweep on purpose, or for an error in the config or the code, says
+            # nothing about the point: no retry is spent.
+            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit, UserError))
             study.give_back(st, trial._trial_id, max_retry, interrupted=interrupted)
         raise
     finally:

@@ -5,18 +5,18 @@ The step is the one the sweep measures (your_ai.step). Adapters are saved in mlx
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import hydra
 import mlx.core as mx
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from your_ai import CONF_DIR, blas, checkpoint, checks, data, device, models, step
 from your_ai.errors import UserError, exit_on_user_error
-from your_ai.loss import MODES
 
 
 def profile_warning(cfg: DictConfig, hardware_id: str) -> str | None:
@@ -57,6 +57,7 @@ def adapter_config(cfg: DictConfig, lora_params: dict) -> dict:
     return {
         "fine_tune_type": "lora",
         "model": str(cfg.model.path),
+        "data": str(cfg.data.train_file),
         "num_layers": int(cfg.lora.num_layers),
         "lora_parameters": lora_params,
         "batch_size": int(cfg.training.batch_size),
@@ -78,10 +79,7 @@ def check(cfg: DictConfig) -> None:
             f"training.batch_size={training.batch_size} is not divisible by "
             f"training.grad_accumulation={training.grad_accumulation}"
         )
-    if cfg.distrust.mode not in MODES:
-        raise UserError(f"distrust.mode={cfg.distrust.mode} is not one of {', '.join(MODES)}")
-    if not 0 <= float(cfg.distrust.lambda_weight) <= 1:
-        raise UserError(f"distrust.lambda_weight={cfg.distrust.lambda_weight} is outside [0, 1]")
+    checks.step_settings(cfg)
     from your_ai.sweep import check_ops_per_buffer
 
     check_ops_per_buffer(cfg.cuda_ops_per_buffer)
@@ -104,6 +102,7 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     model = loaded.model
     mx.reset_peak_memory()  # building or loading the model is not part of training's peak
     lora_params = step.lora_parameters(cfg.lora)
+    step.check_lora_keys(model, lora_params["keys"])
     mx.random.seed(int(cfg.seed))  # the same LoRA initialisation on every run of this config
     trainable = step.apply_lora(
         model,
@@ -118,12 +117,19 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     latest = checkpoint.latest(checkpoints) if cfg.resume else None
     if cfg.resume and latest is None:
         raise UserError(f"resume=true: no checkpoint in {checkpoints}")
+    metrics_file = output_dir / "metrics.jsonl"
+    if not cfg.resume:
+        earlier = [p for p in (checkpoints, metrics_file, output_dir / "adapters") if p.exists()]
+        if earlier:
+            raise UserError(
+                f"{output_dir} already holds a training run ({earlier[0].name}): resume=true "
+                "continues it, another hydra.run.dir starts a new one"
+            )
     adapters = adapter_config(cfg, lora_params)
     if latest is not None:
         checkpoint.check_resumable(latest, adapters)
     train_step = step.make_step(model, optimizer, cfg)  # initialises the optimizer state
     first_step, position = 1, 0
-    metrics_file = output_dir / "metrics.jsonl"
     if latest is not None:
         state = checkpoint.restore(latest, model, optimizer)
         first_step, position = state["step"] + 1, state["position"]
@@ -210,15 +216,30 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    from your_ai.sweep import terminate
+
+    # As in a sweep: SIGTERM takes Ctrl-C's path, so an auto_optimize trial is given back
+    # without spending a retry.
+    signal.signal(signal.SIGTERM, terminate)
     run(cfg)
+
+
+def preload_setting(name: str, argv: list[str]) -> str:
+    """`blas` or `allocator` as this command line sets it (`name=`, `+name=`, `++name=`), else
+    as conf/config.yaml does: the preloads are decided before Hydra composes the config."""
+    given = [arg.split("=", 1)[1] for arg in argv if arg.lstrip("+").startswith(f"{name}=")]
+    value = given[-1] if given else str(OmegaConf.load(CONF_DIR / "config.yaml")[name])
+    if value not in ("auto", "off"):
+        print(f"error: {name}={value} is not one of auto, off", file=sys.stderr)
+        sys.exit(2)
+    return value
 
 
 def cli() -> None:
     """`python -m your_ai.train` and `your-ai-train`: with OpenBLAS and tcmalloc preloaded."""
+    argv = sys.argv[1:]
     blas.reexec_with_blas(
-        "off" if "blas=off" in sys.argv else "auto",
-        "your_ai.train",
-        "off" if "allocator=off" in sys.argv else "auto",
+        preload_setting("blas", argv), "your_ai.train", preload_setting("allocator", argv)
     )
     main()
 

@@ -13,8 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from your_ai import data, step
 from your_ai.models import LoadedModel
 
-# How running out of memory reads on each backend; "oom" only as a word (not in "room").
-OUT_OF_MEMORY = re.compile(r"out of memory|outofmemory|unable to allocate|cudamalloc|\boom\b")
+# How running out of memory reads on each backend; "oom" only as a word (not in "room"). Metal:
+# a buffer over the device's maximum, the resource limit, or a command buffer that ran out.
+OUT_OF_MEMORY = re.compile(
+    r"out of memory|outofmemory|unable to allocate|cudamalloc|\boom\b"
+    r"|maximum allowed buffer size|resource limit \(\d+\) exceeded|insufficient memory"
+)
 
 
 @dataclass

@@ -23,7 +23,7 @@ def worker_main(conn, cfg_container: dict) -> None:
     # Imported here: MLX must initialise in the worker, after its environment is set.
     import mlx.core as mx
 
-    from your_ai import device, models, trial
+    from your_ai import device, models, step, trial
 
     # Ctrl-C reaches the whole process group; the sweep decides what it means (it gives the
     # trial back and stops this worker), so the worker must not die first and look like a crash.
@@ -33,10 +33,12 @@ def worker_main(conn, cfg_container: dict) -> None:
     try:
         tick = time.perf_counter()
         loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
+        step.check_lora_keys(loaded.model, list(cfg.lora["keys"]))  # before any study is made
         mx.clear_cache()
         info = device.describe()
         info.update(
             num_layers=loaded.num_layers,
+            architecture=loaded.config,
             weight_bytes=loaded.weight_bytes,
             baseline_bytes=device.process_baseline_bytes(),
             memory_bytes=device.memory_bytes(),
