@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -279,6 +280,40 @@ def test_an_interrupted_sweep_spends_no_retry_and_the_next_run_measures_its_poin
     counts = measured_once(st)
     assert len(counts) == 2 and set(counts.values()) == {1}
     assert st.trials[retry.number].state == TrialState.COMPLETE
+
+
+@pytest.mark.slow
+def test_an_error_in_a_trial_stops_the_sweep_and_spends_no_retry(tmp_path):
+    # The training file vanishes while the first trial runs: the next trial cannot build its
+    # batch. That is not the point's fault, so the sweep stops with one line and gives the trial
+    # back; with the file back, the next run measures every point once.
+    data = tmp_path / "train.jsonl"
+    shutil.copy(ROOT / "data" / "sample.jsonl", data)
+    grid = [
+        *INTERRUPTED_GRID[:-3],
+        "sweep.study_name=vanished",
+        "sweep.export=false",
+        "sweep.max_retry=0",
+        "sweep.data=file",
+        f"data.train_file={data}",
+    ]
+    proc = sweep_mid_trial(tmp_path, grid, "vanished", min_number=0, stderr=subprocess.PIPE)
+    saved = data.read_bytes()
+    data.unlink()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"error: data.train_file={data}: no such file"
+    st = load(tmp_path, "vanished")
+    (stopped,) = [t for t in st.trials if t.state == TrialState.FAIL]
+    assert stopped.user_attrs.get("interrupted") and not study.is_final_failure(stopped, 0)
+    (retry,) = st.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == stopped.params
+
+    data.write_bytes(saved)
+    rerun = run_command(sweep_command(tmp_path, *grid), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    counts = measured_once(load(tmp_path, "vanished"))
+    assert len(counts) == 2 and set(counts.values()) == {1}
 
 
 @pytest.mark.slow
