@@ -459,6 +459,28 @@ def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
     assert retry.system_attrs["grid_id"] == 0 and study.WORKER_ATTR not in retry.system_attrs
 
 
+def test_a_retry_keeps_the_grid_lightest_first(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
+    space = study.search_space(cfg.sweep.grid)
+    st = study.open_study(
+        study.open_storage(url, cfg.sweep), url, "s", {"objective": "score"}, space, 1
+    )
+
+    def grid_id(trial):
+        return st._storage.get_trial_system_attrs(trial._trial_id)["grid_id"]
+
+    first = st.ask()
+    study.claim(st, first._trial_id)
+    assert study.give_back(st, first._trial_id, 1, interrupted=True)
+    retry = st.ask()  # trial 1, holding point 0 again
+    assert (retry.number, grid_id(retry)) == (1, 0)
+    st.tell(retry, 1.0)
+    # Trial 2 takes point 1, the lightest left, not point 2 after its number.
+    taken = [grid_id(st.ask()) for _ in range(3)]
+    assert taken == [1, 2, 3]
+
+
 def test_interruptions_spend_no_retry_deaths_do(tmp_path):
     url = f"sqlite:///{tmp_path}/optuna.db"
     cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
