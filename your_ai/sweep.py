@@ -283,9 +283,10 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                 if result["state"] == "failed":
                     trial.set_user_attr("reason", result["reason"])
                     trial.set_user_attr("traceback", result["traceback"][-TRACEBACK_CHARS:])
+                    first_line = (result["reason"].strip().splitlines() or ["error"])[0]
                     raise TrialError(
                         f"[{position}/{size}] {study.describe_params(params)}: "
-                        f"{result['reason']} (not a memory error; the traceback is stored "
+                        f"{first_line} (not a memory error; the traceback is stored "
                         f"with trial {trial.number}, and the next run measures this point "
                         "again)"
                     )

@@ -85,9 +85,23 @@ def check(cfg: DictConfig) -> None:
     check_ops_per_buffer(cfg.cuda_ops_per_buffer)
 
 
+def refuse_an_earlier_run(output_dir: Path) -> None:
+    """A new run would overwrite an earlier one's adapters and checkpoints and append to its
+    metrics: only resume=true may continue in a directory that holds one."""
+    names = ("checkpoints", "metrics.jsonl", "adapters")
+    earlier = [name for name in names if (output_dir / name).exists()]
+    if earlier:
+        raise UserError(
+            f"{output_dir} already holds a training run ({earlier[0]}): resume=true continues "
+            "it, another hydra.run.dir starts a new one"
+        )
+
+
 def run(cfg: DictConfig, out=sys.stdout) -> dict:
     """Train; returns the final metrics and where the adapters went."""
     check(cfg)
+    if not cfg.resume:
+        refuse_an_earlier_run(Path(cfg.paths.output_dir))  # before a sweep or a model load
     os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))  # before MLX's first GPU work
     hardware = device.describe()
     warning = profile_warning(cfg, hardware["id"])
@@ -118,13 +132,6 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     if cfg.resume and latest is None:
         raise UserError(f"resume=true: no checkpoint in {checkpoints}")
     metrics_file = output_dir / "metrics.jsonl"
-    if not cfg.resume:
-        earlier = [p for p in (checkpoints, metrics_file, output_dir / "adapters") if p.exists()]
-        if earlier:
-            raise UserError(
-                f"{output_dir} already holds a training run ({earlier[0].name}): resume=true "
-                "continues it, another hydra.run.dir starts a new one"
-            )
     adapters = adapter_config(cfg, lora_params)
     if latest is not None:
         checkpoint.check_resumable(latest, adapters)
