@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import optuna
@@ -457,6 +458,31 @@ def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
     assert not study.give_back(st, taken._trial_id, 3)
     (retry,) = st.get_trials(states=(TrialState.WAITING,))
     assert retry.system_attrs["grid_id"] == 0 and study.WORKER_ATTR not in retry.system_attrs
+
+
+def test_a_dead_owner_is_recovered_at_once_only_where_its_processes_are_visible(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
+    space = study.search_space(cfg.sweep.grid)
+    st = study.open_study(
+        study.open_storage(url, cfg.sweep), url, "s", {"objective": "score"}, space, 1
+    )
+    # A process that has exited: its pid is no longer this one's.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    dead = {**study.worker_identity(), "pid": int(gone.stdout), "started": 0.0}
+    taken = st.ask()
+    # Same host name, another PID namespace (a container with host networking): its process
+    # cannot be looked up here, so only its heartbeat may tell.
+    elsewhere = {**dead, "pid_namespace": "pid:[1]"}
+    st._storage.set_trial_system_attr(taken._trial_id, study.WORKER_ATTR, elsewhere)
+    assert study.recover_dead_trials(st, 1, grace_s=3600) == []
+    st._storage.set_trial_system_attr(taken._trial_id, study.WORKER_ATTR, dead)
+    assert study.recover_dead_trials(st, 1, grace_s=3600) == [taken.number]
 
 
 def test_a_retry_keeps_the_grid_lightest_first(tmp_path):

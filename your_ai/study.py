@@ -286,9 +286,32 @@ def claim_lock(study_):
     yield
 
 
+def pid_namespace() -> str | None:
+    """Linux's PID namespace of this process: containers that share a host name (host
+    networking) still see different processes."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def worker_identity() -> dict:
     me = psutil.Process()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": me.create_time()}
+    return {
+        "host": socket.gethostname(),
+        "pid_namespace": pid_namespace(),
+        "pid": os.getpid(),
+        "started": me.create_time(),
+    }
+
+
+def sees_processes_of(identity: dict) -> bool:
+    """Whether this process can look the owner's process up: same host, same PID namespace (an
+    identity stored without one predates the field and is taken as local)."""
+    here = pid_namespace()
+    return identity.get("host") == socket.gethostname() and (
+        identity.get("pid_namespace", here) == here
+    )
 
 
 def is_alive(identity: dict) -> bool:
@@ -340,13 +363,13 @@ def recover_dead_trials(study, max_retry: int, grace_s: float) -> list[int]:
         optuna.storages.fail_stale_trials(study)
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         recovered.extend(sorted(before - after))
-    host = socket.gethostname()
     now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(WORKER_ATTR)
         if owner:
-            # This host's dead sweeps are known at once: no need to wait for the grace period.
-            dead = owner.get("host") == host and not is_alive(owner)
+            # Dead sweeps whose processes this one can see are known at once: no need to wait
+            # for the grace period. Others' are left to their heartbeat.
+            dead = sees_processes_of(owner) and not is_alive(owner)
         else:
             # Claimed by nobody: its sweep died between ask and claim.
             started = t.datetime_start or now
