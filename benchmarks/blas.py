@@ -51,6 +51,13 @@ def sweep(overrides: list[str], perf: bool) -> tuple[float, str, float | None]:
     )
 
 
+def perf_usable() -> bool:
+    if not shutil.which("perf"):
+        return False
+    trial = subprocess.run([*PERF_RECORD, "-o", os.devnull, "--", "true"], capture_output=True)
+    return trial.returncode == 0
+
+
 def blas_seconds(data: Path) -> float:
     """CPU seconds that `perf record` sampled inside MLX's BLAS: the wheel's bundled libblas or a
     preloaded libopenblas (numpy's own scipy_openblas is not MLX's and is left out)."""
@@ -86,8 +93,11 @@ def main() -> None:
     parser.add_argument("--perf", action="store_true", help="also time MLX's BLAS with perf")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if args.perf and not shutil.which("perf"):
-        sys.exit("--perf needs perf on PATH (Debian: apt-get install linux-perf)")
+    if args.perf and not perf_usable():
+        sys.exit(
+            "--perf: perf cannot record system-wide here (Debian: apt-get install linux-perf; "
+            "as a user, kernel.perf_event_paranoid must be 0 or less)"
+        )
     from hydra import compose, initialize_config_dir
 
     import your_ai

@@ -71,7 +71,11 @@ def test_time_to_answer(tmp_path):
 
 @pytest.mark.slow
 def test_blas(tmp_path):
-    text = bench(tmp_path, "blas.py", "--perf", *TINY)
+    from benchmarks.blas import perf_usable
+
+    # .ci/run installs perf and runs as root; elsewhere the table is checked without its column.
+    perf = perf_usable()
+    text = bench(tmp_path, "blas.py", *(["--perf"] if perf else []), *TINY)
     rows = {
         line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
         for line in text.splitlines()
@@ -82,10 +86,11 @@ def test_blas(tmp_path):
         "openblas, glibc malloc",
         "openblas, tcmalloc",
     ]
-    # perf sampled the bundled BLAS inside the sweep's workers: some time, less than the sweep's.
-    _, wall, in_blas, _ = rows["bundled BLAS, glibc malloc"]
-    assert 0 < float(in_blas) < float(wall)
-    assert "so no BLAS can make this sweep more than" in text
+    if perf:
+        # perf sampled the bundled BLAS in the sweep's workers: some time, less than the sweep's.
+        _, wall, in_blas, _ = rows["bundled BLAS, glibc malloc"]
+        assert 0 < float(in_blas) < float(wall)
+        assert "so no BLAS can make this sweep more than" in text
 
 
 @pytest.mark.slow

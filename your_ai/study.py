@@ -108,8 +108,8 @@ class LightFirstGridSampler(GridSampler):
 
 
 def is_final_failure(trial: FrozenTrial, max_retry: int) -> bool:
-    """Failed for good: by an error in the trial itself (rerunning the same code would fail the
-    same way), or its sweep died and the retries are spent (Optuna queued no retry)."""
+    """Failed for good: by an error in the trial itself, as studies stored it before such an
+    error stopped the sweep, or its sweep died and the retries are spent (no retry queued)."""
     if trial.state != TrialState.FAIL or trial.system_attrs.get(SURPLUS_ATTR):
         return False
     if "duplicate_of" in trial.user_attrs:
