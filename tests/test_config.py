@@ -121,6 +121,21 @@ def test_cuda_ops_per_buffer_reaches_cuda_processes_and_their_study_settings_onl
     assert "cuda_ops_per_buffer" not in sweep.study_settings(cfg, space, off, 28.0)
 
 
+def test_dropout_and_a_random_architecture_are_study_settings_only_where_they_apply():
+    from your_ai import sweep
+
+    cpu = {"backend": "cpu", "id": "cpu-x-24gib", "architecture": {"hidden_size": 64}}
+
+    def settings(*overrides):
+        cfg = compose_config(list(overrides))
+        return sweep.study_settings(cfg, sweep.check_config(cfg), cpu, 1.0)
+
+    plain = settings()
+    assert "lora_dropout" not in plain and "architecture" not in plain  # older studies continue
+    assert settings("lora.dropout=0.1")["lora_dropout"] == 0.1
+    assert settings("model.random_weights=true")["architecture"] == {"hidden_size": 64}
+
+
 def test_dominance_auto_is_off_only_on_cuda_with_mlx_own_ops_per_graph():
     from your_ai import sweep
 
@@ -164,3 +179,15 @@ def test_the_trainer_reads_its_preloads_as_hydra_would():
     with pytest.raises(SystemExit) as exit_:
         preload_setting("blas", ["blas=false"])
     assert exit_.value.code == 2
+
+
+def test_a_loaded_model_runs_in_the_dtype_its_study_records(tmp_path):
+    from mlx.utils import tree_flatten
+
+    from your_ai import models
+
+    cfg = compose_config([f"paths.models={tmp_path}", "model.dtype=bfloat16"])
+    loaded = models.load(cfg.model, cfg.paths.models)  # stored in float32 when built
+    assert {str(v.dtype) for _, v in tree_flatten(loaded.model.parameters())} == {
+        "mlx.core.bfloat16"
+    }
