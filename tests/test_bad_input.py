@@ -216,8 +216,8 @@ def test_a_lora_key_typo_is_refused_before_a_study_exists(tmp_path):
     proc = run("your_ai.sweep", tmp_path, "lora.keys=[self_attn.qproj,self_attn.rope]")
     assert proc.returncode == 2
     assert last_line(proc) == (
-        "error: lora.keys: self_attn.qproj, self_attn.rope is not a linear module of the "
-        "model's layers (they have mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj, "
+        "error: lora.keys: no linear module self_attn.qproj, self_attn.rope in the model's "
+        "layers (they have mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj, "
         "self_attn.o_proj, self_attn.q_proj, self_attn.v_proj)"
     )
     # Nothing was stored under the bad keys, so the corrected command starts the default study.
@@ -260,5 +260,5 @@ def test_train_refuses_a_directory_that_holds_a_run(tmp_path):
 def test_train_refuses_a_lora_key_typo(tmp_path):
     proc = run("your_ai.train", tmp_path, "lora.keys=[mlp.upproj]", f"hydra.run.dir={tmp_path}/h")
     assert proc.returncode == 2
-    assert last_line(proc).startswith("error: lora.keys: mlp.upproj is not a linear module")
+    assert last_line(proc).startswith("error: lora.keys: no linear module mlp.upproj in the")
     assert not (tmp_path / "run" / "adapters").exists()

@@ -117,7 +117,7 @@ def check_lora_keys(model: nn.Module, keys: list[str]) -> None:
             name for name, m in model.layers[-1].named_modules() if name and adaptable(m)
         )
         raise UserError(
-            f"lora.keys: {', '.join(wrong)} is not a linear module of the model's layers "
+            f"lora.keys: no linear module {', '.join(wrong)} in the model's layers "
             f"(they have {', '.join(linear)})"
         )
 
