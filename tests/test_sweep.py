@@ -445,12 +445,17 @@ def test_a_hung_trial_is_killed_after_its_timeout_and_recorded(tmp_path):
     assert all(t.state == TrialState.PRUNED for t in trials) and len(trials) == 8
 
 
-def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
+def small_study(tmp_path, max_retry: int):
+    """A study of SMALL_GRID in the test's own SQLite file, opened as the sweep opens one."""
     url = f"sqlite:///{tmp_path}/optuna.db"
     cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
     space = study.search_space(cfg.sweep.grid)
-    settings = {"objective": "score"}
-    st = study.open_study(study.open_storage(url, cfg.sweep), url, "s", settings, space, 3)
+    storage = study.open_storage(url, cfg.sweep)
+    return study.open_study(storage, url, "s", {"objective": "score"}, space, max_retry)
+
+
+def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
+    st = small_study(tmp_path, max_retry=3)
     taken = st.ask()
     study.claim(st, taken._trial_id)
     assert study.give_back(st, taken._trial_id, 3)
@@ -461,12 +466,7 @@ def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
 
 
 def test_a_dead_owner_is_recovered_at_once_only_where_its_processes_are_visible(tmp_path):
-    url = f"sqlite:///{tmp_path}/optuna.db"
-    cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
-    space = study.search_space(cfg.sweep.grid)
-    st = study.open_study(
-        study.open_storage(url, cfg.sweep), url, "s", {"objective": "score"}, space, 1
-    )
+    st = small_study(tmp_path, max_retry=1)
     # A process that has exited: its pid is no longer this one's.
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
@@ -486,12 +486,7 @@ def test_a_dead_owner_is_recovered_at_once_only_where_its_processes_are_visible(
 
 
 def test_a_retry_keeps_the_grid_lightest_first(tmp_path):
-    url = f"sqlite:///{tmp_path}/optuna.db"
-    cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
-    space = study.search_space(cfg.sweep.grid)
-    st = study.open_study(
-        study.open_storage(url, cfg.sweep), url, "s", {"objective": "score"}, space, 1
-    )
+    st = small_study(tmp_path, max_retry=1)
 
     def grid_id(trial):
         return st._storage.get_trial_system_attrs(trial._trial_id)["grid_id"]
@@ -508,11 +503,7 @@ def test_a_retry_keeps_the_grid_lightest_first(tmp_path):
 
 
 def test_interruptions_spend_no_retry_deaths_do(tmp_path):
-    url = f"sqlite:///{tmp_path}/optuna.db"
-    cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
-    space = study.search_space(cfg.sweep.grid)
-    settings = {"objective": "score"}
-    st = study.open_study(study.open_storage(url, cfg.sweep), url, "s", settings, space, 1)
+    st = small_study(tmp_path, max_retry=1)
 
     def take_and_give_back(interrupted):
         taken = st.ask()
