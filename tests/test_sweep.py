@@ -331,7 +331,7 @@ def test_worker_killed_from_outside_is_pruned_for_memory_and_the_sweep_goes_on(t
     wait_for(lambda: running_trial(tmp_path, "oom", min_number=3))
     time.sleep(0.5)
     workers = psutil.Process(proc.pid).children(recursive=True)
-    workers = [w for w in workers if "spawn_main" in " ".join(w.cmdline())]
+    workers = [w for w in workers if "your_ai.worker" in w.cmdline()]
     assert len(workers) == 1
     workers[0].send_signal(signal.SIGKILL)  # as the kernel's OOM killer would
     out, _ = proc.communicate(timeout=600)

@@ -143,6 +143,7 @@ def result_attrs(result: dict, params: dict, info: dict, limits: dict) -> dict:
         "blas": info.get("blas"),
         "baseline_mb": round(limits["baseline_bytes"] / 1e6, 1),
         "max_memory_gb": round(limits["max_bytes"] / 1e9, 4),
+        "worker_start_s": round(info.get("start_s", 0.0), 3),
         "worker_load_s": round(info.get("load_s", 0.0), 3),
     }
     if "peak_bytes" in result:
@@ -390,10 +391,11 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
     """Run (or resume) the sweep; returns the summary and the study."""
     space = check_config(cfg)
     url = str(cfg.sweep.storage)
-    storage = study.open_storage(url, cfg.sweep)
     worker = Worker(cfg)
-    info = worker.start()
+    worker.launch()  # it imports MLX and loads the model while the storage opens
     try:
+        storage = study.open_storage(url, cfg.sweep)
+        info = worker.wait_ready()
         layers = max(space[study.AXES["num_layers"]])
         if layers > info["num_layers"]:
             raise UserError(

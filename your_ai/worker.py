@@ -5,13 +5,17 @@ hang when memory runs out) is replaced; the trial it was running is recorded as 
 """
 
 import gc
-import multiprocessing as mp
 import os
 import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -56,7 +60,10 @@ def worker_main(conn, cfg_container: dict) -> None:
         conn.send(("user_error", str(err)))
         return
     while True:
-        message = conn.recv()
+        try:
+            message = conn.recv()
+        except EOFError:  # the sweep process is gone
+            return
         if message is None:
             return
         params, limits = message
@@ -100,29 +107,38 @@ class Worker:
         self.cfg = cfg
         self.process = None
         self.conn = None
+        self.launched = 0.0
         self.info: dict = {}
 
-    def start(self, heartbeat: Callable[[], None] = lambda: None) -> dict:
-        context = mp.get_context("spawn")
-        parent, child = context.Pipe()
-        extra = blas.preload_env(str(self.cfg.blas), str(self.cfg.allocator))
-        saved = {k: os.environ.get(k) for k in extra}
-        os.environ.update(extra)  # a spawned interpreter inherits the environment at start
-        try:
-            self.process = context.Process(
-                target=worker_main,
-                args=(child, plain_config(self.cfg)),
-                daemon=True,
-            )
-            self.process.start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        child.close()
-        self.conn = parent
+    def launch(self) -> None:
+        """Start the worker process; it imports MLX and loads the model while the caller goes on.
+
+        A fresh interpreter runs `python -m your_ai.worker` rather than a multiprocessing spawn,
+        which would first import the sweep's own main module (Optuna, Hydra, SQLAlchemy) into
+        the worker, a third of its start-up, for nothing it uses.
+        """
+        ours, theirs = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {
+            **os.environ,
+            # MLX reads its BLAS and allocator as the interpreter starts: preloads go in here.
+            **blas.preload_env(str(self.cfg.blas), str(self.cfg.allocator)),
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (package_root, os.environ.get("PYTHONPATH")) if p
+            ),
+        }
+        self.launched = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "your_ai.worker", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            env=env,
+        )
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send(plain_config(self.cfg))
+
+    def wait_ready(self, heartbeat: Callable[[], None] = lambda: None) -> dict:
+        """What the launched worker reports once its model is loaded, with its start-up time."""
         kind, *payload = self._receive(float(self.cfg.sweep.worker_start_timeout_s), heartbeat)
         if kind == "user_error":
             self.stop()
@@ -131,7 +147,12 @@ class Worker:
             self.stop()
             raise RuntimeError(f"trial worker failed to start: {payload[0]}")
         self.info = payload[0]
+        self.info["start_s"] = time.perf_counter() - self.launched
         return self.info
+
+    def start(self, heartbeat: Callable[[], None] = lambda: None) -> dict:
+        self.launch()
+        return self.wait_ready(heartbeat)
 
     def _receive(self, timeout: float, heartbeat: Callable[[], None]):
         deadline = time.monotonic() + timeout
@@ -142,15 +163,21 @@ class Worker:
                     return self.conn.recv()
                 except EOFError:
                     # The pipe closes a moment before the exit code can be read.
-                    self.process.join(timeout=5)
+                    self._wait(5)
                     break
-            if not self.process.is_alive():
+            if not self.alive:
                 break
-        return ("died", describe_exit(self.process.exitcode))
+        return ("died", describe_exit(self.process.poll()))
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+        return self.process is not None and self.process.poll() is None
+
+    def _wait(self, timeout: float) -> None:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
 
     def run(
         self,
@@ -197,8 +224,8 @@ class Worker:
                 else:
                     return {"state": "failed", "reason": payload[0], "traceback": payload[1]}
             reason = None
-            if not self.process.is_alive():
-                reason = f"worker process died ({describe_exit(self.process.exitcode)})"
+            if not self.alive:
+                reason = f"worker process died ({describe_exit(self.process.poll())})"
             elif time.monotonic() > deadline:
                 reason = "timed out (no step finished in time; killed)"
             if reason is not None:
@@ -215,14 +242,24 @@ class Worker:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.is_alive():
+        if self.alive:
             try:
                 self.conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
-            self.process.join(2)
-        if self.process.is_alive():
+            self._wait(2)
+        if self.alive:
             self.process.kill()
-            self.process.join(5)
+            self._wait(5)
         self.conn.close()
         self.process = None
+
+
+def serve(fd: int) -> None:
+    """The worker process's entry: the sweep sends its config first, then trials."""
+    conn = Connection(fd)
+    worker_main(conn, conn.recv())
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
