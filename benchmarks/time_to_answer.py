@@ -202,16 +202,23 @@ def main() -> None:
         for r in same_step
         if as_key(r) == key(t.params)
     )
-    # The worker's whole start (a fresh interpreter, its imports, the model load), once a sweep.
-    start_s = trials_a[0].user_attrs["worker_start_s"]
-    fixed, spent = [], []
-    for t in trials_a:
-        a = t.user_attrs
-        fixed.append(
-            a["setup_s"] + max(0.0, a["first_step_s"] - a["step_time_s"]) + start_s / len(trials_a)
-        )
-        spent.append(a["total_s"] + start_s / len(trials_a))
-    shares = [f / s for f, s in zip(fixed, spent, strict=True)]
+    # The worker's start (a fresh interpreter, its imports, the model load) is paid once a
+    # sweep: counted whole, and as the part the sweep waited for (the rest overlapped Hydra's
+    # composition and the opening of the storage).
+    first = trials_a[0].user_attrs
+    start_s, wait_s = first["worker_start_s"], first["worker_wait_s"]
+
+    def fixed_shares(worker_s: float) -> tuple[list[float], float]:
+        fixed, spent = [], []
+        for t in trials_a:
+            a = t.user_attrs
+            once = worker_s / len(trials_a)
+            fixed.append(a["setup_s"] + max(0.0, a["first_step_s"] - a["step_time_s"]) + once)
+            spent.append(a["total_s"] + once)
+        return [f / s for f, s in zip(fixed, spent, strict=True)], sum(fixed) / sum(spent)
+
+    shares, overall = fixed_shares(start_s)
+    waited_shares, waited_overall = fixed_shares(wait_s)
     outside = wall_a - sum(t.user_attrs.get("total_s", 0.0) for t in trials_a)
     winner = best_a
     winner_trial = next(t for t in trials_a if key(t.params) == winner)
@@ -235,11 +242,13 @@ def main() -> None:
         f"- our MLX peak / the reference's MLX peak, median over configurations: "
         f"{mlx_vs_reference:.3f}; against the exhaustive run of our step: at most "
         f"{same_step_diff:.2%} apart\n"
-        f"- fixed cost per trial (the worker's start, {start_s:.2f} s from launch to model "
-        "loaded, amortised; LoRA setup; first compiled step beyond a normal step): median "
-        f"{statistics.median(shares):.1%}, max "
-        f"{max(shares):.1%} of the trial's time, {sum(fixed) / sum(spent):.1%} of all trials' "
-        "time (target <= 10 %)\n"
+        f"- fixed cost per trial (the worker's start amortised, LoRA setup, first compiled step "
+        f"beyond a normal step; target <= 10 %): with the worker's whole start ({start_s:.2f} s "
+        f"from launch to model loaded) median {statistics.median(shares):.1%}, max "
+        f"{max(shares):.1%} of the trial's time, {overall:.1%} of all trials' time; with the "
+        f"part of it the sweep waited for ({wait_s:.2f} s) median "
+        f"{statistics.median(waited_shares):.1%}, max {max(waited_shares):.1%}, "
+        f"{waited_overall:.1%} of all\n"
         f"- the rest of (a)'s wall time, outside the trials' own: {outside:.1f} of {wall_a:.1f} s "
         f"({outside / wall_a:.0%}: process start, model load, storing results, the reset between "
         "trials, the report)\n"

@@ -70,6 +70,17 @@ def preload_env(mode: str = "auto", allocator: str = "auto") -> dict[str, str]:
     return {"LD_PRELOAD": " ".join([*libraries, *([current] if current else [])])}
 
 
+def setting_in_argv(name: str, argv: list[str]) -> str:
+    """`blas` or `allocator` as a command line sets it (`name=`, `+name=`, `++name=`), else as
+    conf/config.yaml does: preloads are decided before Hydra composes the config."""
+    from omegaconf import OmegaConf
+
+    from your_ai import CONF_DIR
+
+    given = [arg.split("=", 1)[1] for arg in argv if arg.lstrip("+").startswith(f"{name}=")]
+    return given[-1] if given else str(OmegaConf.load(CONF_DIR / "config.yaml")[name])
+
+
 def reexec_with_blas(mode: str, module: str, allocator: str = "auto") -> None:
     """Restart this command with OpenBLAS and tcmalloc preloaded (once), when there are any."""
     if os.environ.get(REEXEC_FLAG):

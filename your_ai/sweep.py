@@ -18,7 +18,8 @@ from tqdm import tqdm
 from your_ai import CONF_DIR, checks, embedded_dir, study
 from your_ai.data import validate as validate_data
 from your_ai.errors import UserError, exit_on_user_error
-from your_ai.worker import Worker
+from your_ai.worker import Worker, launch_early
+from your_ai.worker import for_config as worker_for_config
 
 OBJECTIVES = ("score", "tokens_per_sec")
 
@@ -144,6 +145,7 @@ def result_attrs(result: dict, params: dict, info: dict, limits: dict) -> dict:
         "baseline_mb": round(limits["baseline_bytes"] / 1e6, 1),
         "max_memory_gb": round(limits["max_bytes"] / 1e9, 4),
         "worker_start_s": round(info.get("start_s", 0.0), 3),
+        "worker_wait_s": round(info.get("wait_s", 0.0), 3),
         "worker_load_s": round(info.get("load_s", 0.0), 3),
     }
     if "peak_bytes" in result:
@@ -389,10 +391,9 @@ def study_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig, out=sys.stdout) -> dict:
     """Run (or resume) the sweep; returns the summary and the study."""
-    space = check_config(cfg)
+    space = check_config(cfg)  # on an error, a worker launched early ends with this process
     url = str(cfg.sweep.storage)
-    worker = Worker(cfg)
-    worker.launch()  # it imports MLX and loads the model while the storage opens
+    worker = worker_for_config(cfg)  # it loads the model while the storage opens
     try:
         storage = study.open_storage(url, cfg.sweep)
         info = worker.wait_ready()
@@ -473,4 +474,5 @@ def multirun() -> bool:
 
 
 if __name__ == "__main__":
+    launch_early(sys.argv[1:])
     main()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hydra
 import mlx.core as mx
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from tqdm import tqdm
 
 from your_ai import CONF_DIR, blas, checkpoint, checks, data, device, models, step
@@ -232,10 +232,9 @@ def main(cfg: DictConfig) -> None:
 
 
 def preload_setting(name: str, argv: list[str]) -> str:
-    """`blas` or `allocator` as this command line sets it (`name=`, `+name=`, `++name=`), else
-    as conf/config.yaml does: the preloads are decided before Hydra composes the config."""
-    given = [arg.split("=", 1)[1] for arg in argv if arg.lstrip("+").startswith(f"{name}=")]
-    value = given[-1] if given else str(OmegaConf.load(CONF_DIR / "config.yaml")[name])
+    """`blas` or `allocator` as this command line sets it, checked: the trainer re-executes
+    itself with the preloads before Hydra composes the config."""
+    value = blas.setting_in_argv(name, argv)
     if value not in ("auto", "off"):
         print(f"error: {name}={value} is not one of auto, off", file=sys.stderr)
         sys.exit(2)

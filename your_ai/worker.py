@@ -103,30 +103,35 @@ def describe_exit(code: int | None) -> str:
 class Worker:
     """A trial worker process seen from the sweep."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig | None = None):
         self.cfg = cfg
         self.process = None
         self.conn = None
+        self.preloads: dict[str, str] = {}
         self.launched = 0.0
         self.info: dict = {}
 
-    def launch(self) -> None:
-        """Start the worker process; it imports MLX and loads the model while the caller goes on.
+    def launch(self, preloads: dict[str, str] | None = None) -> None:
+        """Start the worker process; it imports MLX and mlx-lm, and loads the model once it has
+        its config, while the caller goes on.
 
         A fresh interpreter runs `python -m your_ai.worker` rather than a multiprocessing spawn,
         which would first import the sweep's own main module (Optuna, Hydra, SQLAlchemy) into
         the worker, a third of its start-up, for nothing it uses.
         """
+        if preloads is None:
+            preloads = blas.preload_env(str(self.cfg.blas), str(self.cfg.allocator))
         ours, theirs = socket.socketpair()
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {
             **os.environ,
             # MLX reads its BLAS and allocator as the interpreter starts: preloads go in here.
-            **blas.preload_env(str(self.cfg.blas), str(self.cfg.allocator)),
+            **preloads,
             "PYTHONPATH": os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH")) if p
             ),
         }
+        self.preloads = preloads
         self.launched = time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "your_ai.worker", str(theirs.fileno())],
@@ -135,10 +140,17 @@ class Worker:
         )
         theirs.close()
         self.conn = Connection(ours.detach())
-        self.conn.send(plain_config(self.cfg))
+        if self.cfg is not None:
+            self.configure(self.cfg)
+
+    def configure(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.conn.send(plain_config(cfg))
 
     def wait_ready(self, heartbeat: Callable[[], None] = lambda: None) -> dict:
-        """What the launched worker reports once its model is loaded, with its start-up time."""
+        """What the launched worker reports once its model is loaded, with its start-up time
+        (`start_s`, from launch) and how long the caller waited for it here (`wait_s`)."""
+        waited = time.perf_counter()
         kind, *payload = self._receive(float(self.cfg.sweep.worker_start_timeout_s), heartbeat)
         if kind == "user_error":
             self.stop()
@@ -147,7 +159,8 @@ class Worker:
             self.stop()
             raise RuntimeError(f"trial worker failed to start: {payload[0]}")
         self.info = payload[0]
-        self.info["start_s"] = time.perf_counter() - self.launched
+        now = time.perf_counter()
+        self.info.update(start_s=now - self.launched, wait_s=now - waited)
         return self.info
 
     def start(self, heartbeat: Callable[[], None] = lambda: None) -> dict:
@@ -255,10 +268,50 @@ class Worker:
         self.process = None
 
 
+# Launched as the sweep's command starts (`launch_early`), taken by the sweep's run (`for_config`).
+_early: Worker | None = None
+
+
+def launch_early(argv: list[str]) -> None:
+    """Start a worker before Hydra composes the config, with the preloads this command line
+    asks for: its imports (~0.8 s, mostly transformers through mlx-lm) overlap the composition
+    and the opening of the storage. Not for Hydra's own flags (help, multirun, printing)."""
+    global _early
+    if any(arg.startswith("-") for arg in argv):
+        return
+    preloads = blas.preload_env(
+        blas.setting_in_argv("blas", argv), blas.setting_in_argv("allocator", argv)
+    )
+    _early = Worker()
+    _early.launch(preloads)
+
+
+def for_config(cfg: DictConfig) -> Worker:
+    """A launched worker for this config: the early one when its preloads are the ones the
+    config asks for, else a new one."""
+    global _early
+    worker, _early = _early, None
+    if worker is not None:
+        if worker.alive and worker.preloads == blas.preload_env(str(cfg.blas), str(cfg.allocator)):
+            worker.configure(cfg)
+            return worker
+        worker.stop()
+    worker = Worker(cfg)
+    worker.launch()
+    return worker
+
+
 def serve(fd: int) -> None:
-    """The worker process's entry: the sweep sends its config first, then trials."""
+    """The worker process's entry: it imports what trials need, then takes its config and
+    trials from the sweep."""
+    from your_ai import models, step, trial  # noqa: F401 - imported before the config arrives
+
     conn = Connection(fd)
-    worker_main(conn, conn.recv())
+    try:
+        cfg_container = conn.recv()
+    except EOFError:  # the sweep ended before it needed this worker
+        return
+    worker_main(conn, cfg_container)
 
 
 if __name__ == "__main__":
