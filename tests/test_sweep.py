@@ -595,3 +595,35 @@ def test_a_point_whose_retries_are_spent_is_not_measured_again(tmp_path):
 )
 def test_only_allocation_failures_count_as_out_of_memory(message, expected):
     assert trial.is_out_of_memory(RuntimeError(message)) is expected
+
+
+def test_a_worker_launched_early_is_taken_only_with_the_preloads_its_config_asks_for(
+    monkeypatch,
+):
+    from your_ai import blas, worker
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    if not (blas.find_openblas() and blas.find_tcmalloc()):
+        pytest.skip("OpenBLAS and tcmalloc are not installed")
+    cfg = compose_config(["mode=quick"])
+    worker.launch_early(["--help"])  # Hydra's own flags start no worker
+    assert worker._early is None
+
+    worker.launch_early(["mode=quick"])
+    early = worker._early
+    taken = worker.for_config(cfg)
+    try:
+        assert taken is early and worker._early is None
+        assert taken.wait_ready()["blas"] == "openblas, tcmalloc"
+    finally:
+        taken.stop()
+
+    worker.launch_early(["blas=off"])  # the composed config below asks for OpenBLAS after all
+    early = worker._early
+    taken = worker.for_config(cfg)
+    try:
+        assert taken is not early and not early.alive
+        info = taken.wait_ready()
+        assert info["blas"] == "openblas, tcmalloc" and 0 < info["wait_s"] <= info["start_s"]
+    finally:
+        taken.stop()

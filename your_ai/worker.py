@@ -29,9 +29,6 @@ def worker_main(conn, cfg_container: dict) -> None:
 
     from your_ai import device, models, step, trial
 
-    # Ctrl-C reaches the whole process group; the sweep decides what it means (it gives the
-    # trial back and stops this worker), so the worker must not die first and look like a crash.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = OmegaConf.create(cfg_container)
     os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))  # before MLX's first GPU work
     try:
@@ -304,6 +301,9 @@ def for_config(cfg: DictConfig) -> Worker:
 def serve(fd: int) -> None:
     """The worker process's entry: it imports what trials need, then takes its config and
     trials from the sweep."""
+    # Ctrl-C reaches the whole process group; the sweep decides what it means (it gives the
+    # trial back and stops this worker), so the worker must not die first and look like a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from your_ai import models, step, trial  # noqa: F401 - imported before the config arrives
 
     conn = Connection(fd)
@@ -311,7 +311,8 @@ def serve(fd: int) -> None:
         cfg_container = conn.recv()
     except EOFError:  # the sweep ended before it needed this worker
         return
-    worker_main(conn, cfg_container)
+    if cfg_container is not None:  # None: stopped before it was needed
+        worker_main(conn, cfg_container)
 
 
 if __name__ == "__main__":
