@@ -174,3 +174,42 @@ def test_unknown_compute_dtype_is_a_user_error(tmp_path):
     loaded = models.load(cfg.model, cfg.paths.models)
     with pytest.raises(UserError, match="lora.compute_dtype=half"):
         step.apply_lora(loaded.model, 4, step.lora_parameters(cfg.lora), False, "half")
+
+
+def test_compiled_swiglu_gradient_recomputes_the_sigmoid_instead_of_keeping_it():
+    # Llama-shaped MLP blocks with residuals: a sigmoid kept from each block's forward pass to
+    # its backward pass adds a gate-sized array per block to the compiled gradient's peak.
+    mx.random.seed(0)
+    blocks, width, inner, rows = 24, 64, 128, 1024
+    gates, ups, downs = (
+        [mx.random.normal(shape) / shape[0] ** 0.5 for _ in range(blocks)]
+        for shape in ((width, inner), (width, inner), (inner, width))
+    )
+    x = mx.random.normal((rows, width))
+
+    def peak_of(swiglu) -> int:
+        def objective(x):
+            h = x
+            for gate, up, down in zip(gates, ups, downs, strict=True):
+                h = h + swiglu(h @ gate, h @ up) @ down
+            return h.sum()
+
+        grad = mx.compile(mx.grad(objective))
+        mx.eval(grad(x))  # compiled and run once; the second run is measured
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        mx.eval(grad(x))
+        return mx.get_peak_memory()
+
+    @mx.custom_function
+    def keeping(gate, up):
+        return (gate * cpu_ops.sigmoid(gate)) * up
+
+    @keeping.vjp
+    def keeping_vjp(primals, cotangent, output):
+        gate, up = primals
+        s = cpu_ops.sigmoid(gate)  # merged with the forward pass's by mx.compile
+        return cotangent * up * s * (1.0 + gate * (1.0 - s)), cotangent * gate * s
+
+    gate_bytes = rows * inner * 4
+    assert peak_of(cpu_ops.swiglu) <= peak_of(keeping) - blocks * gate_bytes // 4
