@@ -64,7 +64,7 @@ def _swiglu_vjp(primals, cotangent, output):
     gate, x = primals
     # Recomputed from `gate * 1.0`, a node of its own: from `gate`, mx.compile merges it with the
     # forward pass's sigmoid, which then stays in memory from each layer's forward pass to its
-    # backward pass. That was 5-7 % of a compiled step's peak on the tiny model (BENCHMARKS.md).
+    # backward pass: 4-7 % of a compiled step's peak on the tiny model (BENCHMARKS.md).
     s = sigmoid(gate * 1.0)
     g = cotangent.astype(mx.float32)
     d_gate = g * x * s * (1.0 + gate * (1.0 - s))
