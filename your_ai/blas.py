@@ -25,6 +25,8 @@ ALLOCATORS = (
 )
 CUDA_BUILDS = ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")
 REEXEC_FLAG = "YOUR_AI_BLAS_PRELOADED"
+# What `blas` and `allocator` may be set to.
+SETTINGS = ("auto", "off")
 
 
 def _find(patterns: tuple[str, ...]) -> str | None:

@@ -2,7 +2,7 @@
 
 from omegaconf import DictConfig, OmegaConf
 
-from your_ai import DISTRUST_MODES, LORA_COMPUTE_DTYPES
+from your_ai import DISTRUST_MODES, LORA_COMPUTE_DTYPES, blas
 from your_ai.errors import UserError
 
 
@@ -60,5 +60,5 @@ def step_settings(cfg: DictConfig) -> None:
         raise UserError(f"distrust.lambda_weight={cfg.distrust.lambda_weight} is outside [0, 1]")
     one_of(cfg, "distrust.mode", DISTRUST_MODES)
     one_of(cfg, "lora.compute_dtype", LORA_COMPUTE_DTYPES)
-    one_of(cfg, "blas", ("auto", "off"))
-    one_of(cfg, "allocator", ("auto", "off"))
+    one_of(cfg, "blas", blas.SETTINGS)
+    one_of(cfg, "allocator", blas.SETTINGS)

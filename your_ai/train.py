@@ -235,8 +235,8 @@ def preload_setting(name: str, argv: list[str]) -> str:
     """`blas` or `allocator` as this command line sets it, checked: the trainer re-executes
     itself with the preloads before Hydra composes the config."""
     value = blas.setting_in_argv(name, argv)
-    if value not in ("auto", "off"):
-        print(f"error: {name}={value} is not one of auto, off", file=sys.stderr)
+    if value not in blas.SETTINGS:
+        print(f"error: {name}={value} is not one of {', '.join(blas.SETTINGS)}", file=sys.stderr)
         sys.exit(2)
     return value
 
