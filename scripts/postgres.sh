@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start a throwaway PostgreSQL server on loopback for the tests and print its URL.
+# Start a throwaway PostgreSQL server on loopback for the tests and print its URL; stop it and
+# remove what start wrote into <dir> (and <dir> itself once that leaves it empty).
 # Usage: eval "$(scripts/postgres.sh start <dir>)"   ...   scripts/postgres.sh stop <dir>
 set -euo pipefail
 action=${1:?start|stop}
@@ -22,7 +23,17 @@ case "$action" in
     echo "export YOUR_AI_TEST_POSTGRES=postgresql+psycopg://postgres@127.0.0.1:$port/your_ai_test"
     ;;
   stop)
-    [ -d "$dir/data" ] || exit 0
-    as_owner "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null || true
+    if [ -d "$dir/data" ]; then
+      as_owner "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null || true
+      if as_owner "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+        echo "postgres.sh: the server of $dir/data is still running; nothing removed" >&2
+        exit 1
+      fi
+    fi
+    # Only what start made (its socket too, should the server have died): a directory given
+    # with other files in it keeps them.
+    rm -rf "$dir/data"
+    rm -f "$dir/initdb.log" "$dir/server.log" "$dir"/.s.PGSQL.*
+    rmdir "$dir" 2>/dev/null || true
     ;;
 esac
