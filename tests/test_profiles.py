@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution
 
 from tests.conftest import SMALL_GRID, command, compose_config, run_command
-from your_ai import CONF_DIR, device, export
+from your_ai import CONF_DIR, device, export, files
 
 
 def test_export_list_shows_each_profile_with_its_numbers(small_sweep, tmp_path):
@@ -113,7 +113,7 @@ def test_a_failed_profile_write_leaves_the_previous_profile(tmp_path, monkeypatc
 
     monkeypatch.setattr("os.fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export.atomic_write(profile, "new profile\n")
+        files.atomic_write(profile, "new profile\n")
     assert profile.read_text() == "previous\n"
     assert [p.name for p in tmp_path.iterdir()] == ["best.yaml"]  # no half-written leftovers
 

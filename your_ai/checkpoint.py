@@ -1,9 +1,7 @@
 """Adapters in mlx-lm's format, and resumable checkpoints that a kill cannot corrupt."""
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,7 +10,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from your_ai.errors import UserError
-from your_ai.export import atomic_write
+from your_ai.files import atomic_write, publish_dir, replacing
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -22,11 +20,8 @@ KEEP = 2
 
 def save_adapters(model: nn.Module, directory: Path, adapter_config: dict) -> None:
     """`adapters.safetensors` + `adapter_config.json`, read as they are by mlx_lm.generate/fuse."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".adapters.", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    mx.save_safetensors(tmp, dict(tree_flatten(model.trainable_parameters())))
-    os.replace(tmp, directory / ADAPTER_FILE)
+    with replacing(directory / ADAPTER_FILE) as tmp:
+        mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
     atomic_write(directory / CONFIG_FILE, json.dumps(adapter_config, indent=2) + "\n")
 
 
@@ -39,17 +34,16 @@ def save(
     state: dict,
 ) -> Path:
     """A complete checkpoint directory, renamed into place, then `latest` pointed at it."""
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    save_adapters(model, staging, adapter_config)
-    optimizer_state = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(staging / "optimizer.safetensors"), optimizer_state)
-    (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+
+    def write(staging: Path) -> None:
+        save_adapters(model, staging, adapter_config)
+        optimizer_state = dict(tree_flatten(optimizer.state))
+        mx.save_safetensors(str(staging / "optimizer.safetensors"), optimizer_state)
+        (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(staging, final)
+    publish_dir(final, write, replace=True)  # a step redone after a resume replaces its own
     atomic_write(root / LATEST, name + "\n")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)

@@ -6,9 +6,7 @@ in `paths.profiles`, which an override on the same command line moves).
 """
 
 import json
-import os
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,21 +17,7 @@ from omegaconf import DictConfig
 
 from your_ai import CONF_DIR, study
 from your_ai.errors import UserError, exit_on_user_error
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write beside the target, then rename: a kill leaves the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from your_ai.files import atomic_write
 
 
 def best_trial(st):

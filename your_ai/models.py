@@ -1,10 +1,6 @@
 """Load a real model, build the embedded tiny one, or build any model from its architecture."""
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from your_ai import builds_locally, looks_local
 from your_ai.errors import UserError
+from your_ai.files import publish_dir
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
@@ -61,24 +58,6 @@ def build_from_architecture(config: dict, dtype: str, seed: int) -> nn.Module:
     model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
     return model
-
-
-def publish_dir(path: Path, write: Callable[[Path], None]) -> None:
-    """Create `path` by writing into a staging directory beside it, then renaming it into place.
-
-    A rename is atomic: concurrent workers see the whole directory or none, and the one that
-    loses the race keeps the winner's.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        write(staging)
-        os.rename(staging, path)
-    except OSError:
-        if not path.exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_model_dir(path: Path, architecture: dict, seed: int = 0) -> None:

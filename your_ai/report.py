@@ -20,7 +20,7 @@ from matplotlib.ticker import FuncFormatter
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from your_ai import CONF_DIR, export, study
+from your_ai import CONF_DIR, export, files, study
 from your_ai.errors import UserError, exit_on_user_error
 
 PRUNED_FILL, PRUNED_EDGE = "#f8d0d0", "#c0392b"
@@ -363,7 +363,7 @@ def compare(cfg: DictConfig, studies: list, out=sys.stdout) -> list[Path]:
     png, md = directory / "comparison.png", directory / "comparison.md"
     fig.savefig(png, dpi=110)
     table = markdown_table(rows)
-    export.atomic_write(md, "# Best configuration of each study\n\n" + table)
+    files.atomic_write(md, "# Best configuration of each study\n\n" + table)
     print(table, end="", file=out)
     print(f"comparison: {png}, {md}", file=out)
     return [png, md]
