@@ -1,5 +1,6 @@
 """The trainer: profiles applied from the command line, mlx-lm adapters, resume after a kill."""
 
+import io
 import json
 import os
 import signal
@@ -109,6 +110,40 @@ def test_adapters_load_in_mlx_lm_and_match_our_outputs(make_cfg, tmp_path):
     # LoRA really trained: B matrices moved away from their zero start.
     b = [v for k, v in tree_flatten(ours.trainable_parameters()) if k.endswith("lora_b")]
     assert b and max(float(mx.abs(v).max()) for v in b) > 0
+
+
+class Console(io.StringIO):
+    """A console that is no terminal (so there is no progress bar), noting what it showed at
+    each flush."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown: list[str] = []
+
+    def flush(self):
+        self.shown.append(self.getvalue())
+        super().flush()
+
+    def isatty(self):
+        return False
+
+
+def test_a_short_run_prints_the_last_step_and_each_line_as_it_goes(make_cfg, tmp_path):
+    cfg = make_cfg(
+        "training.max_steps=5",
+        "training.log_every=2",
+        "lora.num_layers=2",
+        "lora.rank=4",
+        f"paths.models={tmp_path}/models",
+    )
+    console = Console()
+    train.run(cfg, out=console)
+    lines = [line for line in console.getvalue().splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4", "step 5"]
+    assert all(": loss " in line for line in lines)
+    # Each line was on show when it was printed, not when a buffer filled or the run ended.
+    for line in lines:
+        assert any(shown.endswith(line + "\n") for shown in console.shown), line
 
 
 def adapters(run_dir):

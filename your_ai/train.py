@@ -148,6 +148,7 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
         f"{cfg.distrust.mode} | device {hardware['backend']}: {hardware['name']}, BLAS "
         f"{blas.active_blas()} | output {output_dir}",
         file=out,
+        flush=True,
     )
     batches = data.iterate_batches(
         cfg.data.train_file,
@@ -195,7 +196,8 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
                 tok_s=f"{metrics['tokens_per_sec']:.0f}",
                 mem=f"{metrics['peak_memory_gb']:.2f}GB",
             )
-            if index % int(training.log_every) == 0:
+            # The last step is always printed, so a run shorter than log_every shows its loss.
+            if index % int(training.log_every) == 0 or index == max_steps:
                 log.flush()
                 tqdm.write(
                     f"step {index}: loss {metrics['loss']:.4f}, "
@@ -204,6 +206,9 @@ def run(cfg: DictConfig, out=sys.stdout) -> dict:
                     f"peak {metrics['peak_memory_gb']:.3f} GB",
                     file=out,
                 )
+                # Without a terminal there is no bar (disable=None) and stdout is a pipe or a
+                # file, buffered: these lines are the progress, shown as they are printed.
+                out.flush()
             if index % int(training.save_every) == 0 or index == max_steps:
                 checkpoint.save_adapters(model, output_dir / "adapters", adapters)
                 checkpoint.save(
