@@ -178,7 +178,7 @@ def test_train_refuses_bad_training_settings(tmp_path, override, message):
     proc = run("your_ai.train", tmp_path, override, f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2
     assert last_line(proc) == message
-    assert not (tmp_path / "run" / "adapters").exists()
+    assert not (tmp_path / "run").exists()  # Hydra's run directory, with only its own files
 
 
 def test_a_hugging_face_id_on_a_built_preset_is_loaded_not_built(tmp_path):
@@ -248,6 +248,12 @@ def test_train_refuses_a_directory_that_holds_a_run(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     kept = {p: digest(p) for p in run_dir.rglob("*") if p.is_file()}
     assert any(p.name == "metrics.jsonl" for p in kept)
+    # The job's log holds what the console showed, the last step's loss included.
+    log = tmp_path / "hydra" / "train.log"
+    console = first.stdout.splitlines()
+    assert any(line.startswith("step 2: loss ") for line in console)
+    logged = log.read_text().splitlines()
+    assert [line for line in logged if line in console] == console  # stderr's lines besides
     proc = run("your_ai.train", tmp_path, *short, f"hydra.run.dir={tmp_path}/hydra")
     assert proc.returncode == 2
     assert last_line(proc) == (
@@ -255,6 +261,8 @@ def test_train_refuses_a_directory_that_holds_a_run(tmp_path):
         "it, another hydra.run.dir starts a new one"
     )
     assert {p: digest(p) for p in run_dir.rglob("*") if p.is_file()} == kept
+    # The refused run's directory held the first run's log: kept, with the refusal added.
+    assert log.read_text().splitlines() == [*logged, last_line(proc)]
 
 
 def test_train_refuses_a_lora_key_typo(tmp_path):

@@ -4,18 +4,26 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 
+from your_ai import joblog
+
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, nothing stored is touched."""
 
 
 def exit_on_user_error(fn: Callable) -> Callable:
+    """A command: a UserError ends it with one line and status 2. Under Hydra its console is
+    also written to the job's log, and a refused command leaves no run directory behind."""
+
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+        job = joblog.current()
+        with joblog.console_to_log(job):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as err:
+                print(f"error: {err}", file=sys.stderr)
+        joblog.remove_if_unused(job)
+        sys.exit(2)
 
     return wrapper

@@ -121,8 +121,9 @@ def render_profile(document: dict) -> str:
     return header + yaml.safe_dump(document, sort_keys=False)
 
 
-def export(cfg: DictConfig, st, out=sys.stdout) -> dict | None:
+def export(cfg: DictConfig, st, out=None) -> dict | None:
     """Write the profiles for the study's best trial; None (and nothing written) if none fits."""
+    out = sys.stdout if out is None else out  # now, not at import: the job log's tee
     trial = best_trial(st)
     if trial is None:
         print(f"study {st.study_name}: no configuration fits; no profile written", file=out)

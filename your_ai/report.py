@@ -376,8 +376,9 @@ def load(storage, url: str, name: str, key: str):
         raise UserError(f"{key}={name}: no such study in {study.redact(url)}") from None
 
 
-def run(cfg: DictConfig, out=sys.stdout) -> list[Path]:
+def run(cfg: DictConfig, out=None) -> list[Path]:
     """The report of `sweep.study_name`, or with `+compare` the comparison of several studies."""
+    out = sys.stdout if out is None else out  # now, not at import: the job log's tee
     from your_ai.sweep import study_name
 
     url = str(cfg.sweep.storage)

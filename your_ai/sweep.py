@@ -389,8 +389,9 @@ def study_name(cfg: DictConfig) -> str:
     return str(cfg.sweep.study_name or f"{cfg.model.name}-{cfg.sweep.mode}")
 
 
-def run(cfg: DictConfig, out=sys.stdout) -> dict:
+def run(cfg: DictConfig, out=None) -> dict:
     """Run (or resume) the sweep; returns the summary and the study."""
+    out = sys.stdout if out is None else out  # now, not at import: the job log's tee
     space = check_config(cfg)  # on an error, a worker launched early ends with this process
     url = str(cfg.sweep.storage)
     worker = worker_for_config(cfg)  # it loads the model while the storage opens

@@ -97,8 +97,9 @@ def refuse_an_earlier_run(output_dir: Path) -> None:
         )
 
 
-def run(cfg: DictConfig, out=sys.stdout) -> dict:
+def run(cfg: DictConfig, out=None) -> dict:
     """Train; returns the final metrics and where the adapters went."""
+    out = sys.stdout if out is None else out  # now, not at import: the job log's tee
     check(cfg)
     if not cfg.resume:
         refuse_an_earlier_run(Path(cfg.paths.output_dir))  # before a sweep or a model load
