@@ -85,11 +85,11 @@ def test_sweep_refuses_bad_settings(tmp_path, overrides, message):
     assert last_line(proc) == message
 
 
-def test_memory_limit_below_the_model_weights(tmp_path):
+def test_memory_limit_below_the_loaded_models_footprint(tmp_path):
     proc = run("your_ai.sweep", tmp_path, "sweep.max_memory_gb=0.001")
     assert proc.returncode == 2
     assert last_line(proc).startswith(
-        "error: sweep.max_memory_gb=0.001 is below what the model's own weights need ("
+        "error: sweep.max_memory_gb=0.001 is below the footprint of loading the model alone ("
     )
 
 

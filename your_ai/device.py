@@ -6,6 +6,8 @@ import re
 import mlx.core as mx
 import psutil
 
+from your_ai import checks
+
 
 def backend() -> str:
     if mx.default_device() == mx.cpu:
@@ -50,15 +52,6 @@ def hardware_id(kind: str, name: str, memory: int) -> str:
     return f"{kind}-{device}-{round(memory / 2**30)}gib"
 
 
-def process_baseline_bytes() -> int:
-    """Memory the process holds outside MLX's allocator, counted on top of MLX's peak where
-    both live in the same memory (CPU and Apple's unified memory); 0 on a discrete GPU."""
-    if backend() == "cuda":
-        return 0
-    rss = psutil.Process().memory_info().rss
-    return max(0, rss - mx.get_active_memory() - mx.get_cache_memory())
-
-
 OPS_PER_BUFFER_ENV = "MLX_MAX_OPS_PER_BUFFER"
 
 
@@ -72,3 +65,18 @@ def mlx_env(ops_per_buffer: int | None, kind: str | None = None) -> dict[str, st
     if kind != "cuda" or ops_per_buffer is None:
         return {}
     return {OPS_PER_BUFFER_ENV: str(int(ops_per_buffer))}
+
+
+def memory_settings(memory_cfg, kind: str | None = None) -> dict:
+    """`memory.*` resolved for this device (see checks.memory_settings)."""
+    kind = kind or backend()
+    return checks.memory_settings(memory_cfg, kind, memory_bytes() if kind == "metal" else None)
+
+
+def apply_memory_settings(settings: dict) -> None:
+    """Set MLX's cache and wired limits; None leaves MLX's default. Before the model loads, so
+    loading is held to them too."""
+    if settings["cache_limit_gb"] is not None:
+        mx.set_cache_limit(int(settings["cache_limit_gb"] * 1e9))
+    if settings["wired_limit_gb"] is not None:
+        mx.set_wired_limit(int(settings["wired_limit_gb"] * 1e9))

@@ -53,6 +53,8 @@ def profile_document(st, trial, url: str) -> dict:
             "grad_accumulation": settings["grad_accumulation"],
             "compile": settings["compile"],
         },
+        # MLX's cache and wired limits the footprint was measured with: training applies them.
+        "memory": settings["memory"],
         "lora": {
             "rank": rank,
             "alpha": 2 * rank,
@@ -69,8 +71,11 @@ def profile_document(st, trial, url: str) -> dict:
             "device": device.get("name"),
             "backend": device.get("backend"),
             "max_memory_gb": settings["max_memory_gb"],
+            # The process footprint (what the OS or driver counts), the figure the limit held.
             "peak_memory_mb": a["peak_memory_mb"],
             "peak_memory_gb_with_margin": a["peak_memory_gb_with_margin"],
+            "footprint_source": a.get("footprint_source"),
+            "mlx_peak_mb": a.get("mlx_peak_mb"),
             "step_time_s": a["step_time_s"],
             "tokens_per_sec": a["tokens_per_sec"],
             "score": a["score"],
@@ -96,6 +101,14 @@ def hardware_profile(st, trial, document: dict) -> dict:
         "max_seq_length": document["training"]["max_seq_length"],
         "peak_memory_gb": round(measured["peak_memory_mb"] / 1e3, 4),
         "peak_memory_gb_with_margin": measured["peak_memory_gb_with_margin"],
+        "peak_memory_definition": (
+            "the training process's footprint as the OS or GPU driver counts it "
+            f"({measured['footprint_source']}), not MLX's allocator counter"
+        ),
+        "mlx_peak_memory_gb": (
+            round(measured["mlx_peak_mb"] / 1e3, 4) if measured["mlx_peak_mb"] else None
+        ),
+        "memory_settings": document["memory"],
         "throughput_score": measured["score"],
         "tokens_per_sec": measured["tokens_per_sec"],
         "step_time_s": measured["step_time_s"],

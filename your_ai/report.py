@@ -1,9 +1,9 @@
 """`python -m your_ai.report`: see a sweep's answer as maps and interactive plots.
 
-For each LoRA layer count, a map of peak memory and one of tokens/s over batch size x rank, with
-the memory limit, the pruned and dominated configurations and the winner marked; Optuna's
-interactive plots beside them. `+compare=all` (or `+compare=[a,b]`) puts several studies'
-winners side by side instead.
+For each LoRA layer count, a map of the footprint (the process's peak memory) and one of
+tokens/s over batch size x rank, with the memory limit, the pruned and dominated configurations
+and the winner marked; Optuna's interactive plots beside them. `+compare=all` (or
+`+compare=[a,b]`) puts several studies' winners side by side instead.
 """
 
 import sys
@@ -164,7 +164,7 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
     ax.set_xlabel("batch size")
     ax.set_ylabel("LoRA rank")
-    what = f"peak memory + {settings['margin']:.0%} margin" if memory else "throughput"
+    what = f"footprint + {settings['margin']:.0%} margin" if memory else "throughput"
     ax.set_title(
         f"{st.study_name}: {what}, LoRA on {num_layers} layers\n"
         f"memory limit {gb(limit)} GB (margin included)",
@@ -172,7 +172,7 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     )
     if norm.vmin is not None and any(v == v for row in values for v in row):
         bar = fig.colorbar(image, ax=ax)
-        bar.set_label("GB (peak + margin)" if memory else "tokens/s")
+        bar.set_label("GB (footprint + margin)" if memory else "tokens/s")
         if memory:
             bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: gb(x)))
         if memory and norm.vmin <= limit <= norm.vmax:
@@ -235,7 +235,7 @@ def interactive_plots(st, directory: Path) -> list[Path]:
     objective = settings_of(st)["objective"]
     memory = {
         "target": lambda t: t.user_attrs["peak_memory_mb"],
-        "target_name": "peak memory (MB)",
+        "target_name": "footprint (MB)",
     }
     throughput = {"target": lambda t: t.user_attrs[TOKENS], "target_name": "tokens/s"}
     plots = {
@@ -291,7 +291,7 @@ def winner_row(st) -> dict:
             "rank": p[study.AXES["rank"]],
             "layers": p[study.AXES["num_layers"]],
             "score": a["score"],
-            "peak MB": f"{a['peak_memory_mb']:.0f}",
+            "footprint MB": f"{a['peak_memory_mb']:.0f}",
             "GB + margin": gb(a[PEAK]),
             "tok/s": f"{a[TOKENS]:.0f}",
             "s/step": f"{a['step_time_s']:.3f}",
@@ -309,7 +309,7 @@ COLUMNS = (
     "rank",
     "layers",
     "score",
-    "peak MB",
+    "footprint MB",
     "GB + margin",
     "tok/s",
     "s/step",
@@ -338,7 +338,7 @@ def compare(cfg: DictConfig, studies: list, out=sys.stdout) -> list[Path]:
     axes = fig.subplots(1, 3, sharey=True)
     metrics = (
         ("score", "score (batch x rank x layers)"),
-        (PEAK, "peak memory + margin (GB)"),
+        (PEAK, "footprint + margin (GB)"),
         (TOKENS, "tokens/s"),
     )
     positions = range(len(studies))

@@ -108,6 +108,8 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "grad_checkpoint": bool(cfg.training.grad_checkpoint),
         "grad_accumulation": int(cfg.training.grad_accumulation),
         "compile": bool(cfg.training.compile),
+        # MLX's cache and wired limits, as this backend resolves them: they decide the footprint.
+        "memory": checks.memory_settings(cfg.memory, info["backend"], info.get("memory_bytes")),
         "hardware": info["id"],
         # Decides peak memory on CUDA only; elsewhere it is not set, so it is not a setting.
         **({"cuda_ops_per_buffer": cfg.cuda_ops_per_buffer} if info["backend"] == "cuda" else {}),
@@ -125,8 +127,8 @@ def trial_line(position: int, total: int, params: dict, attrs: dict) -> str:
         return f"{head} ✗ dominated by {attrs['dominated_by_params']}"
     if attrs.get("state") == "complete":
         return (
-            f"{head} ✓ {attrs['peak_memory_mb']:.0f} MB, {attrs['step_time_s']:.2f}s/step, "
-            f"{attrs['tokens_per_sec']:.0f} tok/s"
+            f"{head} ✓ {attrs['peak_memory_mb']:.0f} MB footprint, "
+            f"{attrs['step_time_s']:.2f}s/step, {attrs['tokens_per_sec']:.0f} tok/s"
         )
     if attrs.get("memory_pruned"):
         return f"{head} ✗ pruned: {attrs['reason']}"
@@ -142,14 +144,19 @@ def result_attrs(result: dict, params: dict, info: dict, limits: dict) -> dict:
         "device": info["name"],
         "hardware": info["id"],
         "blas": info.get("blas"),
-        "baseline_mb": round(limits["baseline_bytes"] / 1e6, 1),
+        "footprint_source": result.get("footprint_source"),
         "max_memory_gb": round(limits["max_bytes"] / 1e9, 4),
         "worker_start_s": round(info.get("start_s", 0.0), 3),
         "worker_wait_s": round(info.get("wait_s", 0.0), 3),
         "worker_load_s": round(info.get("load_s", 0.0), 3),
     }
+    if "start_bytes" in result:
+        # The process before the trial's first step: interpreter, libraries, model, context.
+        attrs["baseline_mb"] = round(result["start_bytes"] / 1e6, 1)
     if "peak_bytes" in result:
-        attrs["peak_memory_mb"] = round(result["peak_bytes"] / 1e6, 1)
+        # The footprint is the one figure called "peak": it is what the limit is held to.
+        attrs["footprint_mb"] = round(result["peak_bytes"] / 1e6, 1)
+        attrs["peak_memory_mb"] = attrs["footprint_mb"]
         attrs["peak_memory_gb_with_margin"] = round(
             result["peak_bytes"] * (1 + limits["margin"]) / 1e9, 4
         )
@@ -170,6 +177,8 @@ def result_attrs(result: dict, params: dict, info: dict, limits: dict) -> dict:
             attrs[key] = round(value, 4) if isinstance(value, float) else value
     if "mlx_peak_bytes" in result:
         attrs["mlx_peak_mb"] = round(result["mlx_peak_bytes"] / 1e6, 1)
+    if "cache_peak_bytes" in result:
+        attrs["mlx_cache_peak_mb"] = round(result["cache_peak_bytes"] / 1e6, 1)
     return attrs
 
 
@@ -364,22 +373,24 @@ def summarize(st, out, max_retry: int) -> dict:
     print(
         f"optimal: batch_size={p['training.batch_size']}, rank={p['lora.rank']}, "
         f"alpha={2 * p['lora.rank']}, layers={p['lora.num_layers']}, "
-        f"peak {a['peak_memory_mb']:.0f} MB "
-        f"({a['peak_memory_gb_with_margin']:.2f} GB with margin), "
+        f"footprint {a['peak_memory_mb']:.0f} MB "
+        f"({a['peak_memory_gb_with_margin']:.2f} GB with margin; MLX's counter "
+        f"{a.get('mlx_peak_mb', float('nan')):.0f} MB), "
         f"{a['step_time_s']:.2f}s/step, {a['tokens_per_sec']:.0f} tok/s",
         file=out,
     )
     print(
-        f"\n{'#':>4} {'batch':>5} {'rank':>5} {'layers':>6} {'score':>7} {'peak MB':>9} "
-        f"{'s/step':>7} {'tok/s':>8}",
+        f"\n{'#':>4} {'batch':>5} {'rank':>5} {'layers':>6} {'score':>7} {'footprint MB':>12} "
+        f"{'MLX MB':>7} {'s/step':>7} {'tok/s':>8}",
         file=out,
     )
     for t in ranked[:5]:
         a, p = t.user_attrs, t.params
         print(
             f"{t.number:>4} {p['training.batch_size']:>5} {p['lora.rank']:>5} "
-            f"{p['lora.num_layers']:>6} {a['score']:>7} {a['peak_memory_mb']:>9.0f} "
-            f"{a['step_time_s']:>7.2f} {a['tokens_per_sec']:>8.0f}",
+            f"{p['lora.num_layers']:>6} {a['score']:>7} {a['peak_memory_mb']:>12.0f} "
+            f"{a.get('mlx_peak_mb', float('nan')):>7.0f} {a['step_time_s']:>7.2f} "
+            f"{a['tokens_per_sec']:>8.0f}",
             file=out,
         )
     return summary
@@ -408,11 +419,12 @@ def run(cfg: DictConfig, out=None) -> dict:
         max_gb = float(max_gb) if max_gb is not None else 0.8 * info["memory_bytes"] / 1e9
         max_gb = round(max_gb, 4)  # the limit the study stores is the one trials are held to
         margin = float(cfg.sweep.margin)
-        floor = (info["weight_bytes"] + info["baseline_bytes"]) * (1 + margin) / 1e9
+        # What the worker held loading the model, before any trial: nothing can fit below it.
+        floor = max(info["footprint_bytes"], info["load_peak_bytes"]) * (1 + margin) / 1e9
         if floor > max_gb:
             raise UserError(
-                f"sweep.max_memory_gb={max_gb:g} is below what the model's own weights "
-                f"need ({floor:.3f} GB with the {margin:.0%} margin)"
+                f"sweep.max_memory_gb={max_gb:g} is below the footprint of loading the model "
+                f"alone ({floor:.3f} GB with the {margin:.0%} margin)"
             )
         name = study_name(cfg)
         settings = study_settings(cfg, space, info, max_gb)
@@ -422,18 +434,15 @@ def run(cfg: DictConfig, out=None) -> dict:
         print(
             f"your_ai sweep | model {cfg.model.name} ({info['num_layers']} layers, "
             f"{info['weight_bytes'] / 1e6:.1f} MB weights) | max memory {max_gb:.2f} GB "
-            f"(margin {margin:.0%}) | mode {cfg.sweep.mode}, {size} configurations, dominance "
+            f"(footprint + {margin:.0%} margin, {info['footprint_source']}) | "
+            f"mode {cfg.sweep.mode}, {size} configurations, dominance "
             f"{'on' if settings['dominance'] else 'off'} | "
             f"device {info['backend']}: {info['name']}, {info['memory_gb']} GB, "
             f"BLAS {info['blas']} | "
             f"study {name} in {study.redact(url)}",
             file=out,
         )
-        limits = {
-            "max_bytes": max_gb * 1e9,
-            "margin": margin,
-            "baseline_bytes": int(info["baseline_bytes"]),
-        }
+        limits = {"max_bytes": max_gb * 1e9, "margin": margin}
         started = time.monotonic()
         ran = run_trials(cfg, st, worker, info, limits, out)
     finally:

@@ -15,7 +15,18 @@ import mlx.core as mx
 from omegaconf import DictConfig, open_dict
 from tqdm import tqdm
 
-from your_ai import CONF_DIR, blas, checkpoint, checks, data, device, models, step
+from your_ai import (
+    CONF_DIR,
+    blas,
+    checkpoint,
+    checks,
+    data,
+    device,
+    footprint,
+    models,
+    step,
+    trial,
+)
 from your_ai.errors import UserError, exit_on_user_error
 
 
@@ -104,6 +115,8 @@ def run(cfg: DictConfig, out=None) -> dict:
     if not cfg.resume:
         refuse_an_earlier_run(Path(cfg.paths.output_dir))  # before a sweep or a model load
     os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))  # before MLX's first GPU work
+    # The GPU's memory in use before this process's first GPU work (see footprint.cuda_reader).
+    idle_gpu_bytes = footprint.gpu_used_bytes() if blas.cuda_build_installed() else None
     hardware = device.describe()
     warning = profile_warning(cfg, hardware["id"])
     if warning:
@@ -113,9 +126,14 @@ def run(cfg: DictConfig, out=None) -> dict:
         cfg = apply_sweep_winner(cfg)
     output_dir = Path(cfg.paths.output_dir)
     training = cfg.training
+    memory = device.memory_settings(cfg.memory)
+    device.apply_memory_settings(memory)  # as the sweep's workers did, so the footprint matches
+    interval_s = float(cfg.memory.sample_interval_ms) / 1e3
+    # The peak counts from before the model loads: the process runs out on its load too.
+    usage = trial.Footprint(footprint.meter(hardware["backend"], idle_gpu_bytes, interval_s))
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
     model = loaded.model
-    mx.reset_peak_memory()  # building or loading the model is not part of training's peak
+    mx.reset_peak_memory()  # MLX's counter, like a sweep trial's, leaves the load out
     lora_params = step.lora_parameters(cfg.lora)
     step.check_lora_keys(model, lora_params["keys"])
     mx.random.seed(int(cfg.seed))  # the same LoRA initialisation on every run of this config
@@ -186,9 +204,15 @@ def run(cfg: DictConfig, out=None) -> dict:
                 "learning_rate": optimizer.learning_rate.item(),
                 "tokens": batch.num_tokens,
                 "tokens_per_sec": batch.num_tokens / seconds,
-                "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 "seconds": seconds,
             }
+            peak, mlx_peak = usage.read()
+            metrics.update(
+                # The process footprint, the figure the sweep held to its limit.
+                peak_memory_gb=peak / 1e9,
+                mlx_peak_memory_gb=mlx_peak / 1e9,
+                mlx_cache_peak_gb=usage.cache_peak / 1e9,
+            )
             log.write(json.dumps(metrics) + "\n")
             bar.update(1)
             bar.set_postfix(
@@ -216,6 +240,7 @@ def run(cfg: DictConfig, out=None) -> dict:
                     checkpoints, index, model, optimizer, adapters, {"position": batch.position}
                 )
     bar.close()
+    usage.meter.close()
     print(f"adapters: {output_dir / 'adapters'}", file=out)
     return {
         "metrics": metrics,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from omegaconf import DictConfig, OmegaConf
 
-from your_ai import data, step
+from your_ai import data, footprint, step
 from your_ai.models import LoadedModel
 
 # How running out of memory reads on each backend; "oom" only as a word (not in "room"). Metal:
@@ -23,9 +23,8 @@ OUT_OF_MEMORY = re.compile(
 
 @dataclass
 class Limits:
-    max_bytes: float  # the memory the margin-adjusted peak may reach
+    max_bytes: float  # the memory the margin-adjusted footprint may reach
     margin: float
-    baseline_bytes: int  # process memory outside MLX's allocator
 
 
 def trial_config(cfg: DictConfig, params: dict) -> DictConfig:
@@ -57,11 +56,39 @@ def stable(times: list[float], peaks: list[int], window: int, tolerance: float) 
     return peaks[-1] == peaks[-window] and settled
 
 
+class Footprint:
+    """A trial's memory as the machine counts it: the process footprint's high-water mark, never
+    less than MLX's own peak plus what the process held outside MLX when the trial began."""
+
+    def __init__(self, meter: footprint.Meter):
+        self.meter = meter
+        meter.start()
+        self.start_bytes = meter.now()
+        mlx_held = mx.get_active_memory() + mx.get_cache_memory()
+        self.outside_mlx = max(0, self.start_bytes - mlx_held)
+        self.cache_peak = 0
+
+    def read(self) -> tuple[int, int]:
+        """(footprint, MLX's peak) so far."""
+        mlx_peak = mx.get_peak_memory()
+        self.cache_peak = max(self.cache_peak, mx.get_cache_memory())
+        return max(self.meter.peak(), mlx_peak + self.outside_mlx), mlx_peak
+
+
+def release_memory() -> None:
+    """Hand what the previous trial freed back to the system, so it neither counts nor lingers
+    in this trial's footprint: MLX's cache, then the C allocator's free pages."""
+    gc.collect()
+    mx.clear_cache()
+    footprint.release_free_memory()
+
+
 def measure(
     loaded: LoadedModel,
     cfg: DictConfig,
     params: dict,
     limits: Limits,
+    meter: footprint.Meter,
     on_step: Callable[[dict], None] = lambda _: None,
 ) -> dict:
     """Run the configuration's training steps; returns the measurements as a plain dict."""
@@ -69,13 +96,16 @@ def measure(
     sweep = cfg.sweep
     batch_size = int(run_cfg.training.batch_size)
     seq = int(run_cfg.training.max_seq_length)
-    # Start from a clean allocator so the previous trial's buffers neither count nor linger.
-    gc.collect()
-    mx.clear_cache()
+    release_memory()
     mx.reset_peak_memory()
+    memory = Footprint(meter)
     started = time.perf_counter()
     model = loaded.model
-    result: dict = {"steps_run": 0}
+    result: dict = {
+        "steps_run": 0,
+        "start_bytes": memory.start_bytes,
+        "footprint_source": meter.source,
+    }
     mx.random.seed(int(cfg.seed))
     try:
         result["trainable_params"] = step.apply_lora(
@@ -103,7 +133,7 @@ def measure(
             if index == 0:
                 result["setup_s"] = tick - started
                 result["first_step_s"] = elapsed
-            peak = mx.get_peak_memory() + limits.baseline_bytes
+            peak, mlx_peak = memory.read()
             adjusted = peak * (1.0 + limits.margin)
             losses.append(out.loss.item())
             peaks.append(peak)
@@ -124,6 +154,8 @@ def measure(
                     state="pruned",
                     memory=True,
                     peak_bytes=peak,
+                    mlx_peak_bytes=mlx_peak,
+                    cache_peak_bytes=memory.cache_peak,
                     reason=f"{adjusted / 1e9:.4g} GB > {limits.max_bytes / 1e9:.4g} GB",
                 )
                 return result
@@ -136,7 +168,8 @@ def measure(
         result.update(
             state="complete",
             peak_bytes=peaks[-1],
-            mlx_peak_bytes=peaks[-1] - limits.baseline_bytes,
+            mlx_peak_bytes=mlx_peak,
+            cache_peak_bytes=memory.cache_peak,
             step_time_s=median,
             tokens_per_sec=batch_size * seq / median,
             loss_first=losses[0],
@@ -147,15 +180,18 @@ def measure(
     except Exception as err:  # noqa: BLE001 - the kinds of allocation failure differ per backend
         if not is_out_of_memory(err):
             raise
-        peak = mx.get_peak_memory() + limits.baseline_bytes
+        peak, mlx_peak = memory.read()
         first_line = str(err).strip().splitlines()[0][:200]
         result.update(
-            state="pruned", memory=True, peak_bytes=peak, reason=f"out of memory: {first_line}"
+            state="pruned",
+            memory=True,
+            peak_bytes=peak,
+            mlx_peak_bytes=mlx_peak,
+            reason=f"out of memory: {first_line}",
         )
         return result
     finally:
         step.remove_lora(model)
         # Drop every reference to this trial's arrays before the next one measures.
         train_step = optimizer = micro_batches = batch = None  # noqa: F841
-        gc.collect()
-        mx.clear_cache()
+        release_memory()

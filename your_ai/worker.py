@@ -19,29 +19,37 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from your_ai import blas
+from your_ai import blas, footprint
 from your_ai.errors import UserError
 
 
-def worker_main(conn, cfg_container: dict) -> None:
+def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) -> None:
     # Imported here: MLX must initialise in the worker, after its environment is set.
-    import mlx.core as mx
-
     from your_ai import device, models, step, trial
 
     cfg = OmegaConf.create(cfg_container)
     os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))  # before MLX's first GPU work
     try:
         tick = time.perf_counter()
+        memory = device.memory_settings(cfg.memory)
+        device.apply_memory_settings(memory)
+        meter = footprint.meter(
+            device.backend(), idle_gpu_bytes, float(cfg.memory.sample_interval_ms) / 1e3
+        )
+        meter.start()  # the load's own peak: no trial can hold less than the loaded model
         loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
         step.check_lora_keys(loaded.model, list(cfg.lora["keys"]))  # before any study is made
-        mx.clear_cache()
+        load_peak = meter.peak()
+        trial.release_memory()
         info = device.describe()
         info.update(
             num_layers=loaded.num_layers,
             architecture=loaded.config,
             weight_bytes=loaded.weight_bytes,
-            baseline_bytes=device.process_baseline_bytes(),
+            footprint_bytes=meter.now(),
+            load_peak_bytes=load_peak,
+            footprint_source=meter.source,
+            memory=memory,
             memory_bytes=device.memory_bytes(),
             load_s=time.perf_counter() - tick,
             blas=blas.active_blas(),
@@ -65,8 +73,9 @@ def worker_main(conn, cfg_container: dict) -> None:
             return
         params, limits = message
         try:
+            limits_ = trial.Limits(**limits)
             result = trial.measure(
-                loaded, cfg, params, trial.Limits(**limits), lambda s: conn.send(("step", s))
+                loaded, cfg, params, limits_, meter, lambda s: conn.send(("step", s))
             )
             conn.send(("result", result))
         except UserError as err:
@@ -304,6 +313,9 @@ def serve(fd: int) -> None:
     # Ctrl-C reaches the whole process group; the sweep decides what it means (it gives the
     # trial back and stops this worker), so the worker must not die first and look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The GPU's memory in use before this process touches it: where NVML reports no figure per
+    # process, the worker's footprint is the device's use above this.
+    idle_gpu_bytes = footprint.gpu_used_bytes() if blas.cuda_build_installed() else None
     from your_ai import models, step, trial  # noqa: F401 - imported before the config arrives
 
     conn = Connection(fd)
@@ -312,7 +324,7 @@ def serve(fd: int) -> None:
     except EOFError:  # the sweep ended before it needed this worker
         return
     if cfg_container is not None:  # None: stopped before it was needed
-        worker_main(conn, cfg_container)
+        worker_main(conn, cfg_container, idle_gpu_bytes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""The footprint: what the kernel counts for a trial and for the trainer, checked from outside."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import psutil
+import pytest
+
+from tests.conftest import ROOT, command, command_env
+from your_ai import device, footprint, models, trial
+from your_ai.worker import Worker
+
+LINUX_HWM = sys.platform.startswith("linux") and footprint.high_water_resettable()
+
+
+class OutsideRss:
+    """The largest resident set of one process, sampled from this one every 2 ms."""
+
+    def __init__(self, pid: int):
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            self._stop.wait(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def hwm_from_outside(pid: int) -> int:
+    return footprint.status_kib("VmHWM", pid) * 1024
+
+
+@pytest.mark.skipif(not LINUX_HWM, reason="the kernel's resettable high-water mark is Linux's")
+def test_a_trials_footprint_is_what_the_kernel_counts_for_the_worker(make_cfg):
+    cfg = make_cfg("sweep.steps=6", "sweep.warmup_steps=1", "sweep.early_stop=false")
+    worker = Worker(cfg)
+    info = worker.start()
+    assert info["footprint_source"] == "rss_hwm"
+    limits = {"max_bytes": 1e12, "margin": 0.15}
+    try:
+        results = []
+        for batch, rank, layers in ((1, 8, 2), (8, 128, 24)):
+            params = {"training.batch_size": batch, "lora.rank": rank, "lora.num_layers": layers}
+            with OutsideRss(info["pid"]) as outside:
+                result = worker.run(params, limits, lambda s: None, lambda: None)
+            assert result["state"] == "complete"
+            # Never less than MLX's own counter: the process holds MLX's buffers and more.
+            assert result["peak_bytes"] > result["mlx_peak_bytes"] > 0
+            # The kernel's high-water mark for this trial, read from outside the worker (the trial
+            # reset it when it began; nothing has run in the worker since), is the figure, or a
+            # little below it where MLX's peak plus what the process held beside MLX before the
+            # trial is more (buffers whose pages were never all touched).
+            hwm = hwm_from_outside(info["pid"])
+            assert hwm <= result["peak_bytes"] <= 1.02 * hwm
+            # Sampling the worker from outside sees nearly as much and, but for what it held in the
+            # moment before the trial freed the last one's pages, never more.
+            assert 0.95 * hwm <= outside.peak <= 1.01 * hwm
+            results.append(result)
+        # The larger configuration holds more: the figure tells them apart.
+        assert results[1]["peak_bytes"] > results[0]["peak_bytes"] + 20e6
+    finally:
+        worker.stop()
+
+
+def test_with_the_cache_limit_at_zero_mlx_keeps_no_cache(make_cfg, tmp_path):
+    cfg = make_cfg(
+        f"paths.models={tmp_path}/models", "sweep.steps=3", "sweep.warmup_steps=1",
+        "sweep.early_stop=false", "training.max_seq_length=64",
+    )  # fmt: skip
+    settings = device.memory_settings(cfg.memory)
+    assert settings["cache_limit_gb"] == 0.0  # auto on the CPU and CUDA
+    loaded = models.load(cfg.model, cfg.paths.models)
+    params = {"training.batch_size": 4, "lora.rank": 16, "lora.num_layers": 8}
+    limits = trial.Limits(max_bytes=1e12, margin=0.15)
+    meter = footprint.meter(device.backend())
+    before = mx.set_cache_limit(0)
+    try:
+        held = trial.measure(loaded, cfg, params, limits, meter)
+        assert held["cache_peak_bytes"] == 0 and mx.get_cache_memory() == 0
+        mx.set_cache_limit(1 << 40)  # as MLX's default (the memory limit): freed buffers stay
+        kept = trial.measure(loaded, cfg, params, limits, meter)
+        assert kept["cache_peak_bytes"] > 0
+    finally:
+        mx.set_cache_limit(before)
+        meter.close()
+
+
+def test_memory_settings_resolve_per_backend(make_cfg):
+    cfg = make_cfg()
+    assert device.memory_settings(cfg.memory, "cuda") == {
+        "cache_limit_gb": 0.0,
+        "wired_limit_gb": None,
+    }
+    metal = device.memory_settings(cfg.memory, "metal")
+    assert metal["cache_limit_gb"] is None  # MLX's own default there
+    given = make_cfg("memory.cache_limit_gb=1.5", "memory.wired_limit_gb=null")
+    assert device.memory_settings(given.memory, "cpu") == {
+        "cache_limit_gb": 1.5,
+        "wired_limit_gb": None,
+    }
+
+
+@pytest.mark.skipif(not LINUX_HWM, reason="the kernel's resettable high-water mark is Linux's")
+def test_the_trainers_peak_is_its_footprint_seen_from_outside(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = command(
+        "your_ai.train",
+        f"hydra.run.dir={run_dir}",
+        "training.max_steps=6",
+        "training.batch_size=8",
+        "lora.rank=64",
+        "lora.num_layers=24",
+    )
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    with OutsideRss(proc.pid) as outside:
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    rows = [json.loads(line) for line in Path(run_dir / "metrics.jsonl").open()]
+    reported = max(r["peak_memory_gb"] for r in rows) * 1e9
+    assert all(r["peak_memory_gb"] > r["mlx_peak_memory_gb"] for r in rows)
+    assert all(r["mlx_cache_peak_gb"] == 0 for r in rows)  # memory.cache_limit_gb=auto: 0
+    # The trainer's whole life seen from outside (its model load included) against its own
+    # figure from the model's load on: the same within a few percent.
+    assert reported == pytest.approx(outside.peak, rel=0.05)
