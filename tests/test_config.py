@@ -59,10 +59,10 @@ def test_model_presets():
 
 
 def test_model_source_names_the_weights_a_study_measures(tmp_path):
-    from your_ai import sweep
+    from your_ai import config
 
     def source(*overrides):
-        return sweep.model_source(compose_config([f"paths.models={tmp_path}", *overrides]))
+        return config.model_source(compose_config([f"paths.models={tmp_path}", *overrides]))
 
     assert source() == "embedded:tiny"
     assert source("model=small") == "embedded:small"
@@ -191,3 +191,18 @@ def test_a_loaded_model_runs_in_the_dtype_its_study_records(tmp_path):
     assert {str(v.dtype) for _, v in tree_flatten(loaded.model.parameters())} == {
         "mlx.core.bfloat16"
     }
+
+
+def test_the_header_names_the_weights_and_the_devices_units(tmp_path):
+    from your_ai import config, console
+
+    assert config.model_label(compose_config([])) == "tiny"
+    own = compose_config([f"model.path={tmp_path}/mine"])
+    assert config.model_label(own) == f"{tmp_path}/mine"
+    random = compose_config(["model=llama-3.1-8b", "model.random_weights=true"])
+    assert config.model_label(random) == "meta-llama/Llama-3.1-8B-Instruct, random weights"
+    cpu = {"backend": "cpu", "name": "Xeon", "memory_bytes": 25.3e9, "blas": "openblas"}
+    assert console.device_label(cpu) == "cpu: Xeon, 25.3 GB (23.6 GiB), BLAS openblas"
+    # A GPU's matmuls are not the CPU's BLAS: the line does not name one.
+    cuda = {"backend": "cuda", "name": "NVIDIA H200", "memory_bytes": 150.1e9, "blas": None}
+    assert console.device_label(cuda) == "cuda: NVIDIA H200, 150.1 GB (139.8 GiB)"

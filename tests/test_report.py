@@ -124,6 +124,24 @@ def test_memory_map_marks_the_exported_best(swept):
     }
 
 
+def test_each_map_names_only_what_it_shows_and_what_best_is_chosen_by(swept):
+    directory = swept.tmp / "sweeps" / "limited"
+    legends = {p.stem: Image.open(p).text["Legend"] for p in directory.glob("*.png")}
+    layers = yaml.safe_load((swept.tmp / "profiles" / "best.yaml").read_text())["lora"][
+        "num_layers"
+    ]
+    best = "best by score (batch x rank x layers)"
+    # Layer count 2 holds the measured prune (4, 4, 2) and a dominated point; 4 only dominated.
+    for stem in ("memory", "throughput"):
+        for n in (2, 4):
+            entries = legends[f"{stem}_layers_{n}"].split("; ")
+            assert ("pruned: over the limit" in entries) == (n == 2)
+            assert "dominated: not run, a smaller one was pruned" in entries
+            assert (best in entries) == (n == layers)
+            # The limit is drawn on a memory map's colour bar only.
+            assert ("largest footprint the limit allows" in entries) == (stem == "memory")
+
+
 def test_compare_tables_each_winner(swept):
     printed = io.StringIO()
     cfg = compose_config([*isolated(swept.tmp), "+compare=all"])

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timezone
 
 import optuna
 import psutil
@@ -64,14 +65,16 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
     backend = device.backend()
     for part in ("model tiny", "max memory", "mode quick, 12 configurations", f"device {backend}"):
         assert part in header
+    # The device's memory in both units, since the hardware id (and profile name) uses GiB.
+    assert re.search(r"[\d.]+ GB \([\d.]+ GiB\)", header)
     st = load(tmp_path, "tiny-quick")
     counts = measured_once(st)
     assert len(counts) == 12 and set(counts.values()) == {1}
     assert (
         len(
             re.findall(
-                r"^\[\d+/12\] batch_size=\d+, rank=\d+, num_layers=\d+ \.\.\. ✓ \d+ MB footprint, "
-                r"[\d.]+s/step, \d+ tok/s$",
+                r"^\[trial \d+\] batch_size=\d+, rank=\d+, num_layers=\d+ \.\.\. "
+                r"✓ \d+ MB footprint, [\d.]+s/step, \d+ tok/s$",
                 out,
                 flags=re.M,
             )
@@ -85,7 +88,13 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
         "optimal: batch_size=8, rank=128, alpha=256, layers=24, "
         f"footprint {a['peak_memory_mb']:.0f} MB" in out
     )
-    assert "tested 12, passed 12, pruned 0" in out
+    assert (
+        "tested 12, passed 12, pruned 0 (0 by dominance, without running); this run measured "
+        "12, 0 taken from the stored study" in out
+    )
+    # One numbering: the line of each trial names the number the top-5 table and the profile do.
+    assert f"[trial {best.number}] batch_size=8, rank=128, num_layers=24 ... ✓" in out
+    assert re.search(rf"^ +{best.number} +8 +128 +24 ", out, flags=re.M)
     # Every measurement is a trial attribute (what optuna-dashboard shows).
     for key in (
         "peak_memory_mb",
@@ -114,11 +123,23 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
     )
     assert hardware["optimal_batch_size"] == 8 and hardware["optimal_lora_layers"] == 24
     assert len(hardware["all_results"]) == 12 and hardware["hardware"]["backend"] == backend
+    assert hardware["throughput_score"] == 8 * 128 * 24
+    assert hardware["score_definition"].startswith("batch_size x lora_rank x lora_layers")
+    # The dates are the measurement's: the winner's completion time.
+    measured_at = best.datetime_complete.astimezone(timezone.utc).isoformat(timespec="seconds")
+    assert hardware["created_at"] == profile["measured"]["created_at"] == measured_at
+    exported = [
+        tmp_path / "profiles" / "best.yaml",
+        tmp_path / "sweeps" / "tiny-quick" / "hardware_profile.json",
+    ]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in exported}
 
-    # Rerunning the same command measures nothing again.
+    # Rerunning the same command measures nothing again, says so, and leaves the files alone.
     again = run_command(sweep_command(tmp_path, "mode=quick"), timeout=600)
     assert again.returncode == 0 and "✓" not in again.stdout
+    assert "this run measured 0, 12 taken from the stored study" in again.stdout
     assert len(load(tmp_path, "tiny-quick").trials) == 12
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in exported} == before
 
 
 def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):

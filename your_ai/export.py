@@ -7,7 +7,7 @@ in `paths.profiles`, which an override on the same command line moves).
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 
 import hydra
@@ -79,12 +79,35 @@ def profile_document(st, trial, url: str) -> dict:
             "step_time_s": a["step_time_s"],
             "tokens_per_sec": a["tokens_per_sec"],
             "score": a["score"],
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # When the winner was measured, not when it was exported: a re-export of the same
+            # winner writes the same files.
+            "created_at": measured_at(trial),
         },
     }
     if "cuda_ops_per_buffer" in settings:
         document["cuda_ops_per_buffer"] = settings["cuda_ops_per_buffer"]
     return document
+
+
+# `throughput_score` keeps its name from the profile format; it is the grid's size measure.
+SCORE_DEFINITION = (
+    "batch_size x lora_rank x lora_layers of the winner: how large a configuration fits, not "
+    "a throughput (see tokens_per_sec)"
+)
+
+
+def measured_at(trial) -> str:
+    """The trial's completion time in UTC (Optuna stores the local time without a zone)."""
+    finished = trial.datetime_complete or trial.datetime_start
+    return finished.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Atomically replace `path` with `text` unless it already holds exactly that."""
+    if path.exists() and path.read_text() == text:
+        return False
+    atomic_write(path, text)
+    return True
 
 
 def hardware_profile(st, trial, document: dict) -> dict:
@@ -110,6 +133,7 @@ def hardware_profile(st, trial, document: dict) -> dict:
         ),
         "memory_settings": document["memory"],
         "throughput_score": measured["score"],
+        "score_definition": SCORE_DEFINITION,
         "tokens_per_sec": measured["tokens_per_sec"],
         "step_time_s": measured["step_time_s"],
         "created_at": measured["created_at"],
@@ -149,10 +173,12 @@ def export(cfg: DictConfig, st, out=None) -> dict | None:
     best = profiles / f"{cfg.profile_name}.yaml"
     artifacts = Path(cfg.paths.sweeps) / st.study_name
     json_path = artifacts / "hardware_profile.json"
-    atomic_write(json_path, json.dumps(hardware_profile(st, trial, document), indent=2) + "\n")
-    atomic_write(named, text)
-    atomic_write(best, text)
-    print(f"profile: {best} (also {named.name}), hardware profile: {json_path}", file=out)
+    hardware = json.dumps(hardware_profile(st, trial, document), indent=2) + "\n"
+    changed = [write_if_changed(path, content) for path, content in (
+        (json_path, hardware), (named, text), (best, text)
+    )]  # fmt: skip
+    state = "" if any(changed) else " (unchanged)"
+    print(f"profile: {best} (also {named.name}), hardware profile: {json_path}{state}", file=out)
     return document
 
 

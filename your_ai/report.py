@@ -28,7 +28,16 @@ DOMINATED_FILL, DOMINATED_EDGE = "#e4e4e4", "#808080"
 BEST_EDGE = "#ff8c00"
 
 PEAK = "peak_memory_gb_with_margin"
+FOOTPRINT = "footprint_gb"  # the maps' memory figure: the footprint, as the console prints it
 TOKENS = "tokens_per_sec"
+OBJECTIVES = {"score": "score (batch x rank x layers)", "tokens_per_sec": "tokens/s"}
+
+
+def value(attrs: dict, metric: str) -> float | None:
+    if metric == FOOTPRINT:
+        mb = attrs.get("peak_memory_mb")
+        return None if mb is None else mb / 1e3
+    return attrs.get(metric)
 
 
 def gb(value: float) -> str:
@@ -67,10 +76,11 @@ def short_params(t) -> str:
     )
 
 
-def pruned_text(attrs: dict, limit_gb: float) -> str:
+def pruned_text(attrs: dict, limit_gb: float, margin: float) -> str:
     peak = attrs.get(PEAK)
     if peak is not None and peak > limit_gb:
-        return f"pruned\n{gb(peak)} > {gb(limit_gb)} GB"
+        footprint = value(attrs, FOOTPRINT)
+        return f"pruned: {gb(footprint)} GB\n+{margin:.0%} = {gb(peak)} > {gb(limit_gb)} GB"
     # Out of memory, a dead or hung worker: the peak reached says less than why it stopped.
     return "pruned\n" + textwrap.shorten(str(attrs.get("reason", "")), 40, placeholder="...")
 
@@ -81,7 +91,10 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     batches, ranks = sorted(grid["batch_size"]), sorted(grid["rank"])
     by_point = cells(st, num_layers)
     by_number = {t.number: t for t in study.measured_grid_trials(st)}
-    memory = metric == PEAK
+    memory = metric == FOOTPRINT
+    margin = float(settings["margin"])
+    # The footprint the limit allows: the limit holds the footprint times 1 + margin.
+    allowed = limit / (1 + margin)
     cmap = "Blues" if memory else "Greens"
     width, height = max(7.5, 2.2 + 1.5 * len(batches)), max(4.5, 2.4 + 0.9 * len(ranks))
     fig = Figure(figsize=(width, height), layout="constrained")
@@ -89,9 +102,10 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     values = [[float("nan")] * len(batches) for _ in ranks]
     for (b, r), t in by_point.items():
         if t.state == TrialState.COMPLETE and b in batches and r in ranks:
-            values[ranks.index(r)][batches.index(b)] = t.user_attrs[metric]
+            values[ranks.index(r)][batches.index(b)] = value(t.user_attrs, metric)
     image = ax.imshow(values, cmap=cmap, norm=norm, origin="lower", aspect="auto")
     best_point = None
+    shown = set()  # what the legend names: only what this map shows
     for i, r in enumerate(ranks):
         for j, b in enumerate(batches):
             t = by_point.get((b, r))
@@ -99,11 +113,12 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
             if t is None:
                 text = "not measured"
             elif t.state == TrialState.COMPLETE:
-                value = t.user_attrs[metric]
-                text = f"{gb(value)} GB" if memory else f"{value:,.0f} tok/s"
-                if norm(value) > 0.6:
+                measured = value(t.user_attrs, metric)
+                text = f"{gb(measured)} GB" if memory else f"{measured:,.0f} tok/s"
+                if norm(measured) > 0.6:
                     colour = "white"
             elif t.user_attrs.get("dominated_by_params"):
+                shown.add("dominated")
                 ax.add_patch(
                     Rectangle(
                         (j - 0.5, i - 0.5),
@@ -130,8 +145,9 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
                         linewidth=0,
                     )
                 )
-                text = pruned_text(t.user_attrs, limit)
+                text = pruned_text(t.user_attrs, limit, margin)
                 colour = PRUNED_EDGE
+                shown.add("pruned")
             if best is not None and t is not None and t.number == best.number:
                 best_point = (b, r)
                 ax.add_patch(
@@ -146,6 +162,7 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
                     )
                 )
                 text = f"BEST\n{text}"
+                shown.add("best")
             ax.text(
                 j,
                 i,
@@ -164,39 +181,47 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
     ax.set_xlabel("batch size")
     ax.set_ylabel("LoRA rank")
-    what = f"footprint + {settings['margin']:.0%} margin" if memory else "throughput"
+    what = "footprint (the process's peak memory)" if memory else "throughput"
     ax.set_title(
         f"{st.study_name}: {what}, LoRA on {num_layers} layers\n"
-        f"memory limit {gb(limit)} GB (margin included)",
+        f"memory limit {gb(limit)} GB: a footprint of at most {gb(allowed)} GB with the "
+        f"{margin:.0%} margin",
         fontsize=11,
     )
     if norm.vmin is not None and any(v == v for row in values for v in row):
         bar = fig.colorbar(image, ax=ax)
-        bar.set_label("GB (footprint + margin)" if memory else "tokens/s")
+        bar.set_label("footprint, GB" if memory else "tokens/s")
         if memory:
             bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: gb(x)))
-        if memory and norm.vmin <= limit <= norm.vmax:
-            bar.ax.axhline(limit, color=PRUNED_EDGE, linewidth=3)
-    legend = [
-        Patch(
+        if memory and norm.vmin <= allowed <= norm.vmax:
+            bar.ax.axhline(allowed, color=PRUNED_EDGE, linewidth=3)
+            shown.add("limit")
+    chosen_by = OBJECTIVES.get(settings["objective"], settings["objective"])
+    entries = {
+        "pruned": Patch(
             facecolor=PRUNED_FILL,
             edgecolor=PRUNED_EDGE,
             hatch="///",
             label="pruned: over the limit",
         ),
-        Patch(
+        "dominated": Patch(
             facecolor=DOMINATED_FILL,
             edgecolor=DOMINATED_EDGE,
             hatch="..",
             label="dominated: not run, a smaller one was pruned",
         ),
-        Patch(facecolor="white", edgecolor=BEST_EDGE, linewidth=3, label="best"),
-    ]
-    if memory:
-        legend.append(Line2D([], [], color=PRUNED_EDGE, linewidth=3, label="memory limit"))
-    fig.legend(
-        handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8, frameon=False
-    )
+        "best": Patch(
+            facecolor="white", edgecolor=BEST_EDGE, linewidth=3, label=f"best by {chosen_by}"
+        ),
+        "limit": Line2D(
+            [], [], color=PRUNED_EDGE, linewidth=3, label="largest footprint the limit allows"
+        ),
+    }
+    legend = [entry for name, entry in entries.items() if name in shown]
+    if legend:
+        fig.legend(
+            handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8, frameon=False
+        )
     metadata = {
         "Title": f"{st.study_name} {metric} layers={num_layers}",
         "Software": "your_ai.report",
@@ -204,6 +229,7 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     if best_point is not None:
         # Names the winner in the file itself, for tools that read maps without seeing them.
         metadata["Best"] = study.describe_params(best.params)
+    metadata["Legend"] = "; ".join(entry.get_label() for entry in legend)
     fig.savefig(path, dpi=110, metadata=metadata)
 
 
@@ -214,15 +240,15 @@ def shared_norm(trials: list, metric: str, limit_gb: float) -> Normalize:
     bar shows how close the configurations came; a far-off limit would wash every cell out.
     """
     values = [
-        t.user_attrs[metric]
+        value(t.user_attrs, metric)
         for t in trials
-        if t.user_attrs.get(metric) is not None
-        and (t.state == TrialState.COMPLETE or metric == PEAK)
+        if value(t.user_attrs, metric) is not None
+        and (t.state == TrialState.COMPLETE or metric == FOOTPRINT)
     ]
     if not values:
         return Normalize()
     low, high = min(values), max(values)
-    if metric == PEAK and limit_gb <= 1.5 * high:
+    if metric == FOOTPRINT and limit_gb <= 1.5 * high:
         low, high = min(low, limit_gb), max(high, limit_gb)
     if low == high:
         low, high = low * 0.99, high * 1.01 or 1.0
@@ -263,8 +289,9 @@ def write(cfg: DictConfig, st, out=sys.stdout) -> list[Path]:
     trials = study.measured_grid_trials(st)
     best = export.best_trial(st)
     maps = []
-    for metric, stem in ((PEAK, "memory"), (TOKENS, "throughput")):
-        norm = shared_norm(trials, metric, float(settings["max_memory_gb"]))
+    allowed = float(settings["max_memory_gb"]) / (1 + float(settings["margin"]))
+    for metric, stem in ((FOOTPRINT, "memory"), (TOKENS, "throughput")):
+        norm = shared_norm(trials, metric, allowed)
         for layers in sorted(settings["grid"]["num_layers"]):
             path = directory / f"{stem}_layers_{layers}.png"
             draw_map(st, layers, metric, norm, best, path)

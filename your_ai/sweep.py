@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from your_ai import CONF_DIR, checks, embedded_dir, study
+from your_ai import CONF_DIR, checks, config, console, study
 from your_ai.data import validate as validate_data
 from your_ai.errors import UserError, exit_on_user_error
 from your_ai.worker import Worker, launch_early
@@ -66,13 +66,6 @@ def check_config(cfg: DictConfig) -> dict:
     return space
 
 
-def model_source(cfg: DictConfig) -> str:
-    """Where the weights come from, the same on every host (the embedded model's path is not):
-    `embedded:<directory under paths.models>` or `model.path` as given."""
-    embedded = embedded_dir(cfg.model, cfg.paths.models)
-    return f"embedded:{embedded}" if embedded is not None else str(cfg.model.path)
-
-
 def dominance_enabled(setting, backend: str, ops_per_buffer: int | None) -> bool:
     """`auto`: on, except on CUDA with MLX's own operations per graph, where a larger rank or
     more layers was measured to peak lower (held temporaries); with fewer per graph every
@@ -89,7 +82,7 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
     sweep, model = cfg.sweep, cfg.model
     return {
         "model": model.name,
-        "model_source": model_source(cfg),
+        "model_source": config.model_source(cfg),
         "random_weights": bool(model.random_weights),
         "quantize": OmegaConf.to_container(model.quantize) if model.quantize else None,
         "dtype": str(model.dtype),
@@ -119,20 +112,6 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         **({"lora_dropout": float(cfg.lora.dropout)} if cfg.lora.dropout else {}),
         **({"architecture": info.get("architecture")} if model.random_weights else {}),
     }
-
-
-def trial_line(position: int, total: int, params: dict, attrs: dict) -> str:
-    head = f"[{position}/{total}] {study.describe_params(params)} ..."
-    if attrs.get("dominated_by_params"):
-        return f"{head} ✗ dominated by {attrs['dominated_by_params']}"
-    if attrs.get("state") == "complete":
-        return (
-            f"{head} ✓ {attrs['peak_memory_mb']:.0f} MB footprint, "
-            f"{attrs['step_time_s']:.2f}s/step, {attrs['tokens_per_sec']:.0f} tok/s"
-        )
-    if attrs.get("memory_pruned"):
-        return f"{head} ✗ pruned: {attrs['reason']}"
-    return f"{head} ✗ failed: {attrs.get('reason')}"
 
 
 def result_attrs(result: dict, params: dict, info: dict, limits: dict) -> dict:
@@ -230,7 +209,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
     max_retry = int(cfg.sweep.max_retry)
     grace_s = float(cfg.sweep.grace_period_s)
     dominance = st.user_attrs["settings"]["dominance"]
-    ran = 0
+    ran = skipped = 0  # measured, and pruned by dominance, by this run
     bar = tqdm(
         total=size,
         initial=len(study.measured_grid_trials(st)),
@@ -274,7 +253,6 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                 trial.set_user_attr("duplicate_of", holder)
                 st.tell(trial, state=TrialState.FAIL)
                 continue
-            position = grid_id + 1
             dominator = study.dominating_trial(st, params) if dominance else None
             if dominator is not None:
                 attrs = {
@@ -287,6 +265,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                     "steps_run": 0,
                 }
                 kept = record(st, trial, attrs, TrialState.PRUNED)
+                skipped += 1
             else:
                 beat = Heartbeat(
                     st._storage, trial._trial_id, float(cfg.sweep.heartbeat_interval_s)
@@ -297,7 +276,7 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                     trial.set_user_attr("traceback", result["traceback"][-TRACEBACK_CHARS:])
                     first_line = (result["reason"].strip().splitlines() or ["error"])[0]
                     raise TrialError(
-                        f"[{position}/{size}] {study.describe_params(params)}: "
+                        f"[trial {trial.number}] {study.describe_params(params)}: "
                         f"{first_line} (not a memory error; the traceback is stored "
                         f"with trial {trial.number}, and the next run measures this point "
                         "again)"
@@ -315,13 +294,13 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
                 ran += 1
             if not kept:
                 tqdm.write(
-                    f"[{position}/{size}] trial {trial.number} was failed by another worker "
+                    f"[trial {trial.number}] was failed by another worker "
                     "(its heartbeat was late) and is measured again there; this result is "
                     "dropped",
                     file=out,
                 )
                 continue
-            tqdm.write(trial_line(position, size, params, attrs), file=out)
+            tqdm.write(console.trial_line(trial.number, params, attrs), file=out)
             bar.n = len(study.measured_grid_trials(st))
             bar.refresh()
     except BaseException as err:
@@ -334,10 +313,10 @@ def run_trials(cfg: DictConfig, st, worker: Worker, info: dict, limits: dict, ou
         raise
     finally:
         bar.close()
-    return ran
+    return {"measured": ran, "dominated": skipped}
 
 
-def summarize(st, out, max_retry: int) -> dict:
+def summarize(st, out, max_retry: int, this_run: dict) -> dict:
     trials = study.measured_grid_trials(st)
     dominated = [t for t in trials if t.user_attrs.get("dominated_by_params")]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
@@ -350,9 +329,11 @@ def summarize(st, out, max_retry: int) -> dict:
         "best": ranked[0] if ranked else None,
         "top": ranked[:5],
     }
+    stored = len(trials) - this_run["measured"] - this_run["dominated"]
     print(
         f"\ntested {summary['tested']}, passed {summary['passed']}, pruned {summary['pruned']} "
-        f"({summary['dominated']} by dominance, without running)",
+        f"({summary['dominated']} by dominance, without running); this run measured "
+        f"{this_run['measured']}, {stored} taken from the stored study",
         file=out,
     )
     abandoned = study.given_up(st, max_retry)
@@ -432,23 +413,24 @@ def run(cfg: DictConfig, out=None) -> dict:
         st.set_user_attr("device", {k: info[k] for k in ("backend", "name", "memory_gb", "id")})
         size = st.sampler.size
         print(
-            f"your_ai sweep | model {cfg.model.name} ({info['num_layers']} layers, "
+            f"your_ai sweep | model {config.model_label(cfg)} ({info['num_layers']} layers, "
             f"{info['weight_bytes'] / 1e6:.1f} MB weights) | max memory {max_gb:.2f} GB "
             f"(footprint + {margin:.0%} margin, {info['footprint_source']}) | "
             f"mode {cfg.sweep.mode}, {size} configurations, dominance "
             f"{'on' if settings['dominance'] else 'off'} | "
-            f"device {info['backend']}: {info['name']}, {info['memory_gb']} GB, "
-            f"BLAS {info['blas']} | "
+            f"device {console.device_label(info)} | "
             f"study {name} in {study.redact(url)}",
             file=out,
         )
         limits = {"max_bytes": max_gb * 1e9, "margin": margin}
         started = time.monotonic()
-        ran = run_trials(cfg, st, worker, info, limits, out)
+        this_run = run_trials(cfg, st, worker, info, limits, out)
     finally:
         worker.stop()
-    summary = summarize(st, out, int(cfg.sweep.max_retry))
-    summary.update(study=st, ran=ran, wall_s=time.monotonic() - started, study_name=name)
+    summary = summarize(st, out, int(cfg.sweep.max_retry), this_run)
+    summary.update(
+        study=st, ran=this_run["measured"], wall_s=time.monotonic() - started, study_name=name
+    )
     if cfg.sweep.export and summary["best"] is not None:
         from your_ai import export
 

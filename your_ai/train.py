@@ -20,6 +20,8 @@ from your_ai import (
     blas,
     checkpoint,
     checks,
+    config,
+    console,
     data,
     device,
     footprint,
@@ -118,6 +120,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     # The GPU's memory in use before this process's first GPU work (see footprint.cuda_reader).
     idle_gpu_bytes = footprint.gpu_used_bytes() if blas.cuda_build_installed() else None
     hardware = device.describe()
+    machine = {**hardware, "memory_bytes": device.memory_bytes(), "blas": blas.active_blas()}
     warning = profile_warning(cfg, hardware["id"])
     if warning:
         print(warning, file=sys.stderr)
@@ -161,11 +164,11 @@ def run(cfg: DictConfig, out=None) -> dict:
         first_step, position = state["step"] + 1, state["position"]
         checkpoint.keep_metrics_until(metrics_file, state["step"])
     print(
-        f"your_ai train | model {cfg.model.name} | {examples} examples in {cfg.data.train_file} | "
+        f"your_ai train | model {config.model_label(cfg)} | {examples} examples in "
+        f"{cfg.data.train_file} | "
         f"batch {training.batch_size}, rank {lora_params['rank']}, layers {cfg.lora.num_layers}, "
         f"seq {training.max_seq_length} | {trainable} trainable parameters | distrust "
-        f"{cfg.distrust.mode} | device {hardware['backend']}: {hardware['name']}, BLAS "
-        f"{blas.active_blas()} | output {output_dir}",
+        f"{cfg.distrust.mode} | device {console.device_label(machine)} | output {output_dir}",
         file=out,
         flush=True,
     )

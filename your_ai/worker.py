@@ -52,7 +52,8 @@ def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) ->
             memory=memory,
             memory_bytes=device.memory_bytes(),
             load_s=time.perf_counter() - tick,
-            blas=blas.active_blas(),
+            # What MLX computes with on the CPU; a GPU run's matmuls are the GPU's own.
+            blas=blas.active_blas() if device.backend() == "cpu" else None,
             pid=os.getpid(),
         )
         # Everything the worker keeps for its life (the model, the imported modules) leaves the
