@@ -1,7 +1,9 @@
 """NVIDIA GPU: the sweep on an 8B Llama-shaped model built from its architecture (bf16, random
 weights) with MLX's CUDA build, and the training step's model-FLOPs utilisation.
 
-    python benchmarks/gpu.py --out DIR [--parts matmul,mfu,quick,full,truth]
+    python benchmarks/gpu.py --out DIR [--parts matmul,mfu,quick-ckpt,full-plain,...]
+
+Whether the sweep's memory figure holds for training is benchmarks/footprint.py's question.
 """
 
 import argparse
@@ -17,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import long_text_file, record, sweep_command, table  # noqa: E402
+from benchmarks.common import record, sweep_command, table  # noqa: E402
 
 MODEL = ["model=llama-3.1-8b", "model.random_weights=true", "training.max_seq_length=1024"]
 N_PARAMS = 8.03e9
@@ -45,11 +47,13 @@ def step_flops(batch: int, layers: int, seq: int, checkpoint: bool) -> float:
     return 2 * N_PARAMS * tokens + backward + recompute
 
 
-def mfu(out: Path, peak_tflops: float, checkpoint: bool, compute_dtype: str) -> dict:
+def mfu(
+    out: Path, peak_tflops: float, checkpoint: bool, compute_dtype: str, idle_gpu_bytes
+) -> dict:
     from hydra import compose, initialize_config_dir
 
     import your_ai
-    from your_ai import models, trial
+    from your_ai import device, footprint, models, trial
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose(
@@ -67,7 +71,9 @@ def mfu(out: Path, peak_tflops: float, checkpoint: bool, compute_dtype: str) -> 
     loaded = models.load(cfg.model, cfg.paths.models)
     load_s = time.perf_counter() - tick
     params = {"training.batch_size": 4, "lora.rank": 128, "lora.num_layers": 24}
-    result = trial.measure(loaded, cfg, params, trial.Limits(1e15, 0.15, 0))
+    meter = footprint.meter(device.backend(), idle_gpu_bytes)
+    result = trial.measure(loaded, cfg, params, trial.Limits(1e15, 0.15), meter)
+    meter.close()
     flops = step_flops(4, 24, 1024, checkpoint)
     achieved = flops / result["step_time_s"] / 1e12
     return {
@@ -76,7 +82,8 @@ def mfu(out: Path, peak_tflops: float, checkpoint: bool, compute_dtype: str) -> 
         "step_s": result["step_time_s"],
         "tflops": achieved,
         "mfu": achieved / peak_tflops,
-        "peak_gb": result["peak_bytes"] / 1e9,
+        "peak_gb": result["peak_bytes"] / 1e9,  # the footprint
+        "mlx_peak_gb": result["mlx_peak_bytes"] / 1e9,
         "first_step_s": result["first_step_s"],
         "load_s": load_s,
     }
@@ -121,35 +128,6 @@ def sweep(out: Path, spec: str) -> dict:
     }
 
 
-def truth(out: Path, winner: dict) -> dict:
-    """Train the winner 200 steps on full-length real text; compare with the sweep's peak."""
-    long_file = long_text_file(out / "long.jsonl")
-    run_dir = out / "truth"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "your_ai.train",
-            *MODEL,
-            f"hydra.run.dir={run_dir}",
-            f"data.train_file={long_file}",
-            "training.max_steps=200",
-            "training.save_every=1000",
-            *winner["overrides"],
-        ],
-        cwd=ROOT,
-        check=True,
-        stdout=(out / "truth.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    return {
-        "steps": len(rows),
-        "peak_gb": max(r["peak_memory_gb"] for r in rows),
-        "min_tokens": min(r["tokens"] for r in rows),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -163,6 +141,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     results: dict = {}
+    from your_ai import footprint
+
+    idle_gpu_bytes = footprint.gpu_used_bytes()  # before this process's first GPU work
     import mlx.core as mx
     from hydra import compose, initialize_config_dir
 
@@ -181,7 +162,7 @@ def main() -> None:
         print("matmul", results["matmul_tflops"], flush=True)
     if "mfu" in parts:
         results["mfu"] = [
-            mfu(out, results["matmul_tflops"], c, dtype)
+            mfu(out, results["matmul_tflops"], c, dtype, idle_gpu_bytes)
             for dtype in ("float32", "input")
             for c in (False, True)
         ]
@@ -190,36 +171,6 @@ def main() -> None:
         if spec.startswith(("quick-", "full-")):
             results.setdefault("sweeps", []).append(sweep(out, spec))
             print(results["sweeps"][-1], flush=True)
-    if "truth" in parts:
-        import optuna
-
-        from your_ai import study
-
-        for name in (
-            "gpu-full-ckpt-nodom",
-            "gpu-quick-ckpt-nodom",
-            "gpu-full-ckpt",
-            "gpu-quick-ckpt",
-        ):
-            try:
-                st = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/optuna.db")
-            except KeyError:
-                continue
-            # The sweep's own answer: equal scores go to the faster point, surplus trials never.
-            ranked = study.ranked_complete(st)
-            if not ranked:
-                continue
-            best = ranked[0]
-            overrides = [f"{k}={v}" for k, v in best.params.items()] + [
-                "training.grad_checkpoint=true"
-            ]
-            res = truth(out, {"overrides": overrides})
-            res.update(
-                study=name, params=best.params, reported_gb=best.user_attrs["mlx_peak_mb"] / 1e3
-            )
-            results.setdefault("truth", []).append(res)
-            print(res, flush=True)
-            break
     (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
     rows = []
     for r in results.get("sweeps", []):
@@ -242,19 +193,14 @@ def main() -> None:
             f"- batch 4, rank 128, layers 24, seq 1024, checkpointing {m['checkpoint']}, "
             f"lora.compute_dtype {m['compute_dtype']}: "
             f"{m['step_s']:.3f} s/step, {m['tflops']:.0f} TFLOP/s, MFU {m['mfu']:.1%}, "
-            f"peak {m['peak_gb']:.1f} GB, first step {m['first_step_s']:.1f} s\n"
+            f"footprint {m['peak_gb']:.1f} GB (MLX {m['mlx_peak_gb']:.1f} GB), "
+            f"first step {m['first_step_s']:.1f} s\n"
         )
     if rows:
         body += (
             "\n"
             + table(["sweep", "wall s", "tested", "passed", "pruned", "dominated", "winner"], rows)
             + "\n"
-        )
-    for t in results.get("truth", []):
-        body += (
-            f"\n- memory truth ({t['study']} winner {t['params']}): {t['steps']} steps, "
-            f"peak {t['peak_gb']:.2f} GB vs {t['reported_gb']:.2f} GB reported "
-            f"({t['peak_gb'] / t['reported_gb'] - 1:+.2%})\n"
         )
     record(
         "NVIDIA GPU",

@@ -32,6 +32,26 @@ def bench(tmp_path, script, *args, env=None):
 
 
 @pytest.mark.slow
+def test_footprint(tmp_path):
+    text = bench(
+        tmp_path,
+        "footprint.py",
+        "--out",
+        str(tmp_path / "work"),
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--cost",
+        "--extra",
+        " ".join(TINY),
+    )
+    for row in ("sweep worker, whole quick sweep", "trainer, full-length rows", "mixed-length"):
+        assert row in text
+    assert "every process under the limit: yes" in text and "sampling cost" in text
+
+
+@pytest.mark.slow
 def test_step_speed(tmp_path):
     text = bench(
         tmp_path,
@@ -118,7 +138,7 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
             "--out",
             str(output),
             "--parts",
-            "matmul,quick-plain,quick-ckpt-nodom,truth",
+            "matmul,quick-plain,quick-ckpt-nodom",
             "--size",
             "128",
             "--model",
@@ -130,4 +150,4 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (output / "BENCHMARKS-gpu.md").read_text()
-    assert "gpu-quick-plain" in text and "gpu-quick-ckpt-nodom" in text and "memory truth" in text
+    assert "gpu-quick-plain" in text and "gpu-quick-ckpt-nodom" in text

@@ -222,7 +222,7 @@ def run(cfg: DictConfig, out=None) -> dict:
                 loss=f"{metrics['loss']:.3f}",
                 lr=f"{metrics['learning_rate']:.2e}",
                 tok_s=f"{metrics['tokens_per_sec']:.0f}",
-                mem=f"{metrics['peak_memory_gb']:.2f}GB",
+                footprint=f"{metrics['peak_memory_gb']:.2f}GB",
             )
             # The last step is always printed, so a run shorter than log_every shows its loss.
             if index % int(training.log_every) == 0 or index == max_steps:
@@ -231,7 +231,8 @@ def run(cfg: DictConfig, out=None) -> dict:
                     f"step {index}: loss {metrics['loss']:.4f}, "
                     f"ce {metrics['cross_entropy']:.4f}, lr {metrics['learning_rate']:.2e}, "
                     f"{metrics['tokens_per_sec']:.0f} tok/s, "
-                    f"peak {metrics['peak_memory_gb']:.3f} GB",
+                    f"footprint {metrics['peak_memory_gb']:.3f} GB "
+                    f"(MLX {metrics['mlx_peak_memory_gb']:.3f} GB)",
                     file=out,
                 )
                 # Without a terminal there is no bar (disable=None) and stdout is a pipe or a
