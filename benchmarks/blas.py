@@ -101,16 +101,16 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     import your_ai
-    from your_ai import blas, models
+    from your_ai import models, preload
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["mode=quick", *args.overrides])
     models.load(cfg.model, cfg.paths.models)  # build a local model once, outside any timing
     plain_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    preload = blas.preload_env("auto", "off")
+    preload = preload.preload_env("auto", "off")
     if not preload:
         sys.exit("no OpenBLAS found to preload (Debian: apt-get install libopenblas0-pthread)")
-    both = blas.preload_env("auto", "auto")
+    both = preload.preload_env("auto", "auto")
     rows = []
     # MLX as its wheel ships, OpenBLAS alone, and what `blas` and `allocator` give by default;
     # the matmul of each row runs with that row's preloads.
@@ -137,7 +137,7 @@ def main() -> None:
         )
     body = (
         f"quick sweep, {' '.join(args.overrides) or 'tiny model'}; preloaded: "
-        f"{blas.find_openblas()}, {blas.find_tcmalloc()}\n\n"
+        f"{preload.find_openblas()}, {preload.find_tcmalloc()}\n\n"
         + table(headers, rows)
         + "\n\nquick sweep speed-up over the bundled BLAS: OpenBLAS "
         f"**{walls[0] / walls[1]:.1f}x**, OpenBLAS and tcmalloc (the default) "

@@ -16,12 +16,12 @@ BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 def machine(blas_name: str | None = None) -> str:
     import mlx.core as mx
 
-    from your_ai import blas, device
+    from your_ai import device, preload
 
     info = device.describe()
     return (
         f"{platform.node()}: {info['backend']} {info['name']}, {psutil.cpu_count()} cores, "
-        f"{info['memory_gb']} GB, mlx {mx.__version__}, BLAS {blas_name or blas.active_blas()}"
+        f"{info['memory_gb']} GB, mlx {mx.__version__}, BLAS {blas_name or preload.active_blas()}"
     )
 
 
@@ -74,10 +74,12 @@ def sweep_command(workdir: Path, storage: str, *overrides: str) -> list[str]:
 
 def preloaded_blas(env: dict) -> str | None:
     """How to name the BLAS of child processes started with `env`."""
-    from your_ai import blas
+    from your_ai import preload
 
-    preload = env.get("LD_PRELOAD", "")
-    return f"{blas.describe(preload)} (preloaded in the measured processes)" if preload else None
+    libraries = env.get("LD_PRELOAD", "")
+    if not libraries:
+        return None
+    return f"{preload.describe(libraries)} (preloaded in the measured processes)"
 
 
 def command_line() -> str:

@@ -68,17 +68,17 @@ def one_ours(config: dict, overrides: list[str], steps: int) -> dict:
     from hydra import compose, initialize_config_dir
 
     import your_ai
-    from your_ai import device, footprint, models, study, trial
+    from your_ai import device, footprint, models, record, trial
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose(
             "config", overrides=[*overrides, f"sweep.steps={steps}", "sweep.early_stop=false"]
         )
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
-    params = {name: config[axis] for axis, name in study.AXES.items()}
+    params = {name: config[axis] for axis, name in record.AXES.items()}
     meter = footprint.meter(device.backend())
-    result = trial.measure(loaded, cfg, params, trial.Limits(float("inf"), 0.0), meter)
-    return {"peak_mb": result["mlx_peak_bytes"] / 1e6, "step_s": result["step_time_s"]}
+    result = trial.measure(loaded, cfg, params, record.Limits(float("inf"), 0.0), meter)
+    return {"peak_mb": result.mlx_peak_bytes / 1e6, "step_s": result.step_time_s}
 
 
 def run(

@@ -157,6 +157,7 @@ def train(out: Path, name: str, extra: list[str], data_file: Path, steps: int, g
         "steps": len(rows),
         "reported_bytes": 1e9 * max(r["peak_memory_gb"] for r in rows),
         "mlx_bytes": 1e9 * max(r["mlx_peak_memory_gb"] for r in rows),
+        "cache_bytes": 1e9 * max(r["mlx_cache_peak_gb"] for r in rows),
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in rows[3:] or rows),
         "min_tokens": min(r["tokens"] for r in rows),
         "max_tokens": max(r["tokens"] for r in rows),
@@ -169,16 +170,17 @@ def sampling_cost(model: list[str], params: dict, repeats: int) -> dict:
     from hydra import compose, initialize_config_dir
 
     import your_ai
-    from your_ai import device, models, trial
+    from your_ai import device, models, preload, trial
+    from your_ai.record import Limits
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*model, "sweep.steps=12", "sweep.early_stop=false"])
-    os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))
+    os.environ.update(preload.mlx_env(cfg.cuda_ops_per_buffer, device.backend()))
     device.apply_memory_settings(device.memory_settings(cfg.memory))
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
     backend = device.backend()
     read = footprint.meter(backend, footprint.gpu_used_bytes())._read
-    limits = trial.Limits(float("inf"), 0.0)
+    limits = Limits(float("inf"), 0.0)
     times: dict[str, list[float]] = {"sampled every 10 ms": [], "not sampled": []}
     samples = 0
     for _ in range(repeats):
@@ -187,7 +189,7 @@ def sampling_cost(model: list[str], params: dict, repeats: int) -> dict:
             result = trial.measure(loaded, cfg, params, limits, meter)
             samples += meter.samples if interval < 1 else 0
             meter.close()
-            times[label].append(result["step_time_s"])
+            times[label].append(result.step_time_s)
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {
         **medians,
@@ -203,6 +205,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--interval-ms", type=float, default=20.0)
     parser.add_argument("--cost", action="store_true", help="also measure the sampling's cost")
+    parser.add_argument(
+        "--cache-steps",
+        type=int,
+        default=0,
+        help="also train the winner this many steps with MLX's cache limit at 0 and at MLX's "
+        "default (memory.cache_limit_gb=null): the measurement behind cache_limit_gb=auto",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="take the study and profile already in --out"
+    )
     parser.add_argument("--extra", default="", help="more overrides for every command")
     parser.add_argument("--output", help="append the result here instead of BENCHMARKS.md")
     args = parser.parse_args()
@@ -213,13 +225,19 @@ def main() -> None:
     gpu = footprint.Gpu() if args.preset == "gpu" else None
 
     tick = time.perf_counter()
-    sweep_argv = sweep_command(out, f"sqlite:///{out}/optuna.db", *model, "mode=quick")
-    sweep_argv.append(f"paths.profiles={out}/conf/profile")  # where +profile=best finds it
-    swept = run_sampled(sweep_argv, out / "sweep.log", gpu, dt)
+    if args.reuse:
+        saved = json.loads((out / "footprint.json").read_text())
+        swept, full, mixed = saved["sweep"], saved["full"], saved["mixed"]
+        tick -= saved["sweep_wall_s"]
+    else:
+        sweep_argv = sweep_command(out, f"sqlite:///{out}/optuna.db", *model, "mode=quick")
+        sweep_argv.append(f"paths.profiles={out}/conf/profile")  # where +profile=best finds it
+        swept = run_sampled(sweep_argv, out / "sweep.log", gpu, dt)
     sweep_wall = time.perf_counter() - tick
     import optuna
 
     from your_ai import study as studies
+    from your_ai.record import describe_params
 
     name = next(s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{out}/optuna.db"))
     st = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/optuna.db")
@@ -229,10 +247,21 @@ def main() -> None:
     best = studies.ranked_complete(st)[0]
     figure = best.user_attrs["footprint_mb"] * 1e6
     extra = args.extra.split()
-    full = train(out, "train-full", extra, long_text_file(out / "long.jsonl"), args.steps, gpu, dt)
-    mixed_file = mixed_length_file(out / "mixed.jsonl")
-    mixed = train(out, "train-mixed", extra, mixed_file, args.steps, gpu, dt)
+    long_file = long_text_file(out / "long.jsonl")
+    if not args.reuse:
+        full = train(out, "train-full", extra, long_file, args.steps, gpu, dt)
+        mixed_file = mixed_length_file(out / "mixed.jsonl")
+        mixed = train(out, "train-mixed", extra, mixed_file, args.steps, gpu, dt)
+        (out / "footprint.json").write_text(
+            json.dumps({"sweep_wall_s": time.perf_counter() - tick, "sweep": swept,
+                        "full": full, "mixed": mixed}, default=str)
+        )  # fmt: skip
     cost = sampling_cost(model, best.params, 3) if args.cost else None
+    cache = {}
+    for limit_setting in ("0", "null") if args.cache_steps else ():
+        name = f"train-cache-{limit_setting}"
+        overrides = [*extra, f"memory.cache_limit_gb={limit_setting}"]
+        cache[limit_setting] = train(out, name, overrides, long_file, args.cache_steps, gpu, dt)
 
     gb = lambda b: f"{b / 1e9:.3f}"  # noqa: E731
     rows = [
@@ -265,7 +294,7 @@ def main() -> None:
     )
     under = all(x["peak_bytes"] <= limit for x in (swept, full, mixed))
     body = (
-        f"winner {studies.describe_params(best.params)}: sweep's figure {figure / 1e9:.3f} GB "
+        f"winner {describe_params(best.params)}: sweep's figure {figure / 1e9:.3f} GB "
         f"({best.user_attrs['footprint_source']}; {figure * (1 + margin) / 1e9:.3f} GB with the "
         f"{margin:.0%} margin), MLX's counter {best.user_attrs['mlx_peak_mb'] / 1e3:.3f} GB; "
         f"limit {limit / 1e9:.2f} GB; memory settings {settings['memory']}; quick sweep "
@@ -293,16 +322,43 @@ def main() -> None:
             f"{cost['not sampled']:.4f} s not sampled ({cost['cost']:+.1%}; "
             f"{cost['samples']} samples)\n"
         )
+    if cache:
+        body += (
+            "\nMLX's cache limit, the winner on full-length rows:\n\n"
+            + table(
+                [
+                    "memory.cache_limit_gb",
+                    "steps",
+                    "outside peak GB",
+                    "MLX cache peak GB",
+                    "tok/s",
+                ],
+                [
+                    [
+                        k,
+                        t["steps"],
+                        gb(t["peak_bytes"]),
+                        gb(t["cache_bytes"]),
+                        f"{t['tokens_per_sec']:.0f}",
+                    ]
+                    for k, t in cache.items()
+                ],
+            )
+            + "\n"
+        )
     device = gpu.name if gpu is not None else None
     record(
         f"Footprint from outside ({args.preset})",
         f"python benchmarks/footprint.py --preset {args.preset} --steps {args.steps}"
-        + (" --cost" if args.cost else ""),
+        + (" --cost" if args.cost else "")
+        + (f" --cache-steps {args.cache_steps}" if args.cache_steps else "")
+        + (" --reuse" if args.reuse else ""),
         body,
         where=Path(args.output) if args.output else None,
         machine_line=f"{device} (MLX CUDA)" if device else None,
     )
     results = {
+        "sweep_wall_s": sweep_wall,
         "sweep": swept,
         "full": full,
         "mixed": mixed,

@@ -53,7 +53,7 @@ def mfu(
     from hydra import compose, initialize_config_dir
 
     import your_ai
-    from your_ai import device, footprint, models, trial
+    from your_ai import device, footprint, models, record, trial
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose(
@@ -72,19 +72,19 @@ def mfu(
     load_s = time.perf_counter() - tick
     params = {"training.batch_size": 4, "lora.rank": 128, "lora.num_layers": 24}
     meter = footprint.meter(device.backend(), idle_gpu_bytes)
-    result = trial.measure(loaded, cfg, params, trial.Limits(1e15, 0.15), meter)
+    result = trial.measure(loaded, cfg, params, record.Limits(1e15, 0.15), meter)
     meter.close()
     flops = step_flops(4, 24, 1024, checkpoint)
-    achieved = flops / result["step_time_s"] / 1e12
+    achieved = flops / result.step_time_s / 1e12
     return {
         "checkpoint": checkpoint,
         "compute_dtype": compute_dtype,
-        "step_s": result["step_time_s"],
+        "step_s": result.step_time_s,
         "tflops": achieved,
         "mfu": achieved / peak_tflops,
-        "peak_gb": result["peak_bytes"] / 1e9,  # the footprint
-        "mlx_peak_gb": result["mlx_peak_bytes"] / 1e9,
-        "first_step_s": result["first_step_s"],
+        "peak_gb": result.peak_bytes / 1e9,  # the footprint
+        "mlx_peak_gb": result.mlx_peak_bytes / 1e9,
+        "first_step_s": result.first_step_s,
         "load_s": load_s,
     }
 
@@ -149,12 +149,13 @@ def main() -> None:
 
     import your_ai
     from your_ai import device as devices
+    from your_ai import preload
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=MODEL)
     # Trials run in this process here: set it as a worker would, before the first GPU work.
-    os.environ.update(devices.mlx_env(cfg.cuda_ops_per_buffer))
-    results["ops_per_buffer"] = os.environ.get(devices.OPS_PER_BUFFER_ENV, "MLX default (20)")
+    os.environ.update(preload.mlx_env(cfg.cuda_ops_per_buffer, devices.backend()))
+    results["ops_per_buffer"] = os.environ.get(preload.OPS_PER_BUFFER_ENV, "MLX default (20)")
     device = mx.device_info().get("device_name", "?")
     results["device"] = device
     if "matmul" in parts or "mfu" in parts:

@@ -112,9 +112,9 @@ def main() -> None:
         return
 
     from benchmarks.common import command_line, preloaded_blas, record, table
-    from your_ai import blas
+    from your_ai import preload
 
-    env = {**os.environ, **blas.preload_env("auto"), "PYTHONPATH": ROOT}
+    env = {**os.environ, **preload.preload_env("auto"), "PYTHONPATH": ROOT}
     results: dict[str, list[dict]] = {"ours": [], "mlx-lm": []}
     for _ in range(args.repeats):
         for side in ("mlx-lm", "ours"):

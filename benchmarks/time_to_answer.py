@@ -103,7 +103,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     import your_ai
-    from your_ai import blas, models
+    from your_ai import models, preload
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"mode={args.mode}", *args.overrides])
@@ -113,7 +113,7 @@ def main() -> None:
     common = [f"mode={args.mode}", *args.overrides]
     tmp = Path(tempfile.mkdtemp(prefix="your_ai-bench-"))
 
-    env = {**os.environ, **blas.preload_env("auto")}
+    env = {**os.environ, **preload.preload_env("auto")}
     tick = time.perf_counter()
     reference = exhaustive.run(grid, str(cfg.model.path), seq, int(cfg.sweep.steps), env)
     reference_wall = time.perf_counter() - tick

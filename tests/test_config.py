@@ -5,11 +5,11 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, compose_config
-from your_ai import study
+from your_ai import record, study
 
 
 def grid_size(cfg) -> int:
-    return len(study.light_first(study.search_space(cfg.sweep.grid)))
+    return len(study.light_first(record.search_space(cfg.sweep.grid)))
 
 
 def test_default_is_quick_on_the_tiny_model():
@@ -93,42 +93,42 @@ def test_unknown_mode_is_refused():
 
 
 def test_trial_parameters_replay_as_overrides():
-    point = study.light_first(study.search_space(compose_config().sweep.grid))[-1]
+    point = study.light_first(record.search_space(compose_config().sweep.grid))[-1]
     cfg = compose_config([f"{name}={value}" for name, value in point.items()])
     assert (cfg.training.batch_size, cfg.lora.rank, cfg.lora.num_layers) == (8, 128, 24)
 
 
 def test_light_first_order_puts_every_point_after_those_it_dominates():
-    points = study.light_first(study.search_space(compose_config(["mode=full"]).sweep.grid))
+    points = study.light_first(record.search_space(compose_config(["mode=full"]).sweep.grid))
     for i, p in enumerate(points):
         for q in points[i + 1 :]:
             assert not all(q[k] <= p[k] for k in p), (p, q)
 
 
 def test_cuda_ops_per_buffer_reaches_cuda_processes_and_their_study_settings_only():
-    from your_ai import device, sweep
+    from your_ai import config, preload
 
     cfg = compose_config(["model=llama-3.1-8b", "model.random_weights=true"])
     assert cfg.cuda_ops_per_buffer == 3
-    assert device.mlx_env(cfg.cuda_ops_per_buffer, "cuda") == {"MLX_MAX_OPS_PER_BUFFER": "3"}
-    assert device.mlx_env(cfg.cuda_ops_per_buffer, "cpu") == {}
-    assert device.mlx_env(cfg.cuda_ops_per_buffer, "metal") == {}
-    assert device.mlx_env(None, "cuda") == {}
-    space = sweep.check_config(cfg)
+    assert preload.mlx_env(cfg.cuda_ops_per_buffer, "cuda") == {"MLX_MAX_OPS_PER_BUFFER": "3"}
+    assert preload.mlx_env(cfg.cuda_ops_per_buffer, "cpu") == {}
+    assert preload.mlx_env(cfg.cuda_ops_per_buffer, "metal") == {}
+    assert preload.mlx_env(None, "cuda") == {}
+    space = config.check_sweep(cfg)
     on = {"backend": "cuda", "id": "cuda-h100-80gib"}
     off = {"backend": "cpu", "id": "cpu-x-24gib"}
-    assert sweep.study_settings(cfg, space, on, 28.0)["cuda_ops_per_buffer"] == 3
-    assert "cuda_ops_per_buffer" not in sweep.study_settings(cfg, space, off, 28.0)
+    assert config.study_settings(cfg, space, on, 28.0)["cuda_ops_per_buffer"] == 3
+    assert "cuda_ops_per_buffer" not in config.study_settings(cfg, space, off, 28.0)
 
 
 def test_dropout_and_a_random_architecture_are_study_settings_only_where_they_apply():
-    from your_ai import sweep
+    from your_ai import config
 
     cpu = {"backend": "cpu", "id": "cpu-x-24gib", "architecture": {"hidden_size": 64}}
 
     def settings(*overrides):
         cfg = compose_config(list(overrides))
-        return sweep.study_settings(cfg, sweep.check_config(cfg), cpu, 1.0)
+        return config.study_settings(cfg, config.check_sweep(cfg), cpu, 1.0)
 
     plain = settings()
     assert "lora_dropout" not in plain and "architecture" not in plain  # older studies continue
@@ -137,48 +137,49 @@ def test_dropout_and_a_random_architecture_are_study_settings_only_where_they_ap
 
 
 def test_dominance_auto_is_off_only_on_cuda_with_mlx_own_ops_per_graph():
-    from your_ai import sweep
+    from your_ai import config
 
     cuda = {"backend": "cuda", "id": "cuda-h100-80gib"}
     cpu = {"backend": "cpu", "id": "cpu-x-24gib"}
     cfg = compose_config(["model=llama-3.1-8b", "model.random_weights=true"])
-    space = sweep.check_config(cfg)
-    assert sweep.study_settings(cfg, space, cuda, 28.0)["dominance"] is True
-    assert sweep.study_settings(cfg, space, cpu, 28.0)["dominance"] is True
+    space = config.check_sweep(cfg)
+    assert config.study_settings(cfg, space, cuda, 28.0)["dominance"] is True
+    assert config.study_settings(cfg, space, cpu, 28.0)["dominance"] is True
     mlx_own = compose_config(["model=tiny", "cuda_ops_per_buffer=null"])
-    space = sweep.check_config(mlx_own)
-    assert sweep.study_settings(mlx_own, space, cuda, 28.0)["dominance"] is False
-    assert sweep.study_settings(mlx_own, space, cpu, 28.0)["dominance"] is True
+    space = config.check_sweep(mlx_own)
+    assert config.study_settings(mlx_own, space, cuda, 28.0)["dominance"] is False
+    assert config.study_settings(mlx_own, space, cpu, 28.0)["dominance"] is True
     forced = compose_config(["cuda_ops_per_buffer=null", "sweep.dominance=true"])
-    assert sweep.study_settings(forced, space, cuda, 28.0)["dominance"] is True
+    assert config.study_settings(forced, space, cuda, 28.0)["dominance"] is True
 
 
 def test_preloads_follow_the_blas_and_allocator_settings(monkeypatch):
-    from your_ai import blas
+    from your_ai import preload
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv("MLX_DISABLE_BLAS_PRELOAD", raising=False)
-    openblas, tcmalloc = blas.find_openblas(), blas.find_tcmalloc()
+    openblas, tcmalloc = preload.find_openblas(), preload.find_tcmalloc()
     if not (openblas and tcmalloc):
         pytest.skip("needs OpenBLAS and tcmalloc installed (scripts/install does on Debian)")
-    assert blas.preload_env("auto", "auto") == {"LD_PRELOAD": f"{openblas} {tcmalloc}"}
-    assert blas.preload_env("off", "auto") == {"LD_PRELOAD": tcmalloc}
-    assert blas.preload_env("auto", "off") == {"LD_PRELOAD": openblas}
-    assert blas.preload_env("off", "off") == {}
+    assert preload.preload_env("auto", "auto") == {"LD_PRELOAD": f"{openblas} {tcmalloc}"}
+    assert preload.preload_env("off", "auto") == {"LD_PRELOAD": tcmalloc}
+    assert preload.preload_env("auto", "off") == {"LD_PRELOAD": openblas}
+    assert preload.preload_env("off", "off") == {}
     monkeypatch.setenv("LD_PRELOAD", tcmalloc)
-    assert blas.preload_env("auto", "auto") == {"LD_PRELOAD": f"{openblas} {tcmalloc}"}
+    assert preload.preload_env("auto", "auto") == {"LD_PRELOAD": f"{openblas} {tcmalloc}"}
 
 
-def test_the_trainer_reads_its_preloads_as_hydra_would():
-    from your_ai.train import preload_setting
+def test_child_processes_get_the_preloads_of_the_composed_config(monkeypatch):
+    from your_ai import preload
 
-    assert preload_setting("blas", []) == "auto"  # conf/config.yaml
-    assert preload_setting("blas", ["++blas=off", "lora.rank=8"]) == "off"
-    assert preload_setting("allocator", ["allocator=auto", "+allocator=off"]) == "off"
-    assert preload_setting("allocator", ["blas=off"]) == "auto"
-    with pytest.raises(SystemExit) as exit_:
-        preload_setting("blas", ["blas=false"])
-    assert exit_.value.code == 2
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    openblas, tcmalloc = preload.find_openblas(), preload.find_tcmalloc()
+    if not (openblas and tcmalloc) or preload.cuda_build_installed():
+        pytest.skip("needs OpenBLAS and tcmalloc installed and MLX's CPU build")
+    # Read from the composed config, so a multirun's `blas=auto,off` gives each job its own.
+    assert preload.child_env(compose_config([])) == {"LD_PRELOAD": f"{openblas} {tcmalloc}"}
+    assert preload.child_env(compose_config(["blas=off"])) == {"LD_PRELOAD": tcmalloc}
+    assert preload.child_env(compose_config(["blas=off", "allocator=off"])) == {}
 
 
 def test_a_loaded_model_runs_in_the_dtype_its_study_records(tmp_path):
@@ -194,7 +195,7 @@ def test_a_loaded_model_runs_in_the_dtype_its_study_records(tmp_path):
 
 
 def test_the_header_names_the_weights_and_the_devices_units(tmp_path):
-    from your_ai import config, console
+    from your_ai import config
 
     assert config.model_label(compose_config([])) == "tiny"
     own = compose_config([f"model.path={tmp_path}/mine"])
@@ -202,7 +203,7 @@ def test_the_header_names_the_weights_and_the_devices_units(tmp_path):
     random = compose_config(["model=llama-3.1-8b", "model.random_weights=true"])
     assert config.model_label(random) == "meta-llama/Llama-3.1-8B-Instruct, random weights"
     cpu = {"backend": "cpu", "name": "Xeon", "memory_bytes": 25.3e9, "blas": "openblas"}
-    assert console.device_label(cpu) == "cpu: Xeon, 25.3 GB (23.6 GiB), BLAS openblas"
+    assert config.device_label(cpu) == "cpu: Xeon, 25.3 GB (23.6 GiB), BLAS openblas"
     # A GPU's matmuls are not the CPU's BLAS: the line does not name one.
     cuda = {"backend": "cuda", "name": "NVIDIA H200", "memory_bytes": 150.1e9, "blas": None}
-    assert console.device_label(cuda) == "cuda: NVIDIA H200, 150.1 GB (139.8 GiB)"
+    assert config.device_label(cuda) == "cuda: NVIDIA H200, 150.1 GB (139.8 GiB)"

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, command, command_env
-from your_ai import device, footprint, models, trial
+from your_ai import device, footprint, models, record, trial
 from your_ai.worker import Worker
 
 LINUX_HWM = sys.platform.startswith("linux") and footprint.high_water_resettable()
@@ -53,28 +53,28 @@ def test_a_trials_footprint_is_what_the_kernel_counts_for_the_worker(make_cfg):
     worker = Worker(cfg)
     info = worker.start()
     assert info["footprint_source"] == "rss_hwm"
-    limits = {"max_bytes": 1e12, "margin": 0.15}
+    limits = record.Limits(max_bytes=1e12, margin=0.15)
     try:
         results = []
         for batch, rank, layers in ((1, 8, 2), (8, 128, 24)):
             params = {"training.batch_size": batch, "lora.rank": rank, "lora.num_layers": layers}
             with OutsideRss(info["pid"]) as outside:
-                result = worker.run(params, limits, lambda s: None, lambda: None)
-            assert result["state"] == "complete"
+                result = worker.run(params, limits, lambda: None)
+            assert result.state == "complete"
             # Never less than MLX's own counter: the process holds MLX's buffers and more.
-            assert result["peak_bytes"] > result["mlx_peak_bytes"] > 0
+            assert result.peak_bytes > result.mlx_peak_bytes > 0
             # The kernel's high-water mark for this trial, read from outside the worker (the trial
             # reset it when it began; nothing has run in the worker since), is the figure, or a
             # little below it where MLX's peak plus what the process held beside MLX before the
             # trial is more (buffers whose pages were never all touched).
             hwm = hwm_from_outside(info["pid"])
-            assert hwm <= result["peak_bytes"] <= 1.02 * hwm
+            assert hwm <= result.peak_bytes <= 1.02 * hwm
             # Sampling the worker from outside sees nearly as much and, but for what it held in the
             # moment before the trial freed the last one's pages, never more.
             assert 0.95 * hwm <= outside.peak <= 1.01 * hwm
             results.append(result)
         # The larger configuration holds more: the figure tells them apart.
-        assert results[1]["peak_bytes"] > results[0]["peak_bytes"] + 20e6
+        assert results[1].peak_bytes > results[0].peak_bytes + 20e6
     finally:
         worker.stop()
 
@@ -88,15 +88,15 @@ def test_with_the_cache_limit_at_zero_mlx_keeps_no_cache(make_cfg, tmp_path):
     assert settings["cache_limit_gb"] == 0.0  # auto on the CPU and CUDA
     loaded = models.load(cfg.model, cfg.paths.models)
     params = {"training.batch_size": 4, "lora.rank": 16, "lora.num_layers": 8}
-    limits = trial.Limits(max_bytes=1e12, margin=0.15)
+    limits = record.Limits(max_bytes=1e12, margin=0.15)
     meter = footprint.meter(device.backend())
     before = mx.set_cache_limit(0)
     try:
         held = trial.measure(loaded, cfg, params, limits, meter)
-        assert held["cache_peak_bytes"] == 0 and mx.get_cache_memory() == 0
+        assert held.cache_peak_bytes == 0 and mx.get_cache_memory() == 0
         mx.set_cache_limit(1 << 40)  # as MLX's default (the memory limit): freed buffers stay
         kept = trial.measure(loaded, cfg, params, limits, meter)
-        assert kept["cache_peak_bytes"] > 0
+        assert kept.cache_peak_bytes > 0
     finally:
         mx.set_cache_limit(before)
         meter.close()

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution
 
 from tests.conftest import SMALL_GRID, command, compose_config, run_command
-from your_ai import CONF_DIR, device, export, files
+from your_ai import CONF_DIR, device, export, files, record
 
 
 def test_export_list_shows_each_profile_with_its_numbers(small_sweep, tmp_path):
@@ -119,7 +119,7 @@ def test_a_failed_profile_write_leaves_the_previous_profile(tmp_path, monkeypatc
 
 
 def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
-    from your_ai import study, sweep
+    from your_ai import config
 
     swept = compose_config(
         [
@@ -131,9 +131,9 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
             "memory.cache_limit_gb=0.5",
         ]
     )
-    space = study.search_space(swept.sweep.grid)
+    space = record.search_space(swept.sweep.grid)
     info = {"backend": "cpu", "id": "cpu-test"}
-    settings = sweep.study_settings(swept, space, info, 20.0)
+    settings = config.study_settings(swept, space, info, 20.0)
     st = optuna.create_study(direction="maximize")
     st.set_user_attr("settings", settings)
     params = {"training.batch_size": 4, "lora.rank": 64, "lora.num_layers": 16}
@@ -143,7 +143,7 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
         "peak_memory_gb_with_margin": 0.115,
         "step_time_s": 0.1,
         "tokens_per_sec": 1000.0,
-        "score": study.score(params),
+        "score": record.score(params),
     }
     st.add_trial(
         optuna.trial.create_trial(

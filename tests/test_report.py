@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 from PIL import Image
 
 from tests.conftest import command, compose_config, isolated, run_command
-from your_ai import report, study, sweep
+from your_ai import record, report, study, sweep
 from your_ai.errors import UserError
 
 # Batch 1 and batch 4 lie megabytes apart on the tiny model, far beyond run-to-run noise,
@@ -33,7 +33,7 @@ PAGES = {
 
 
 def point(t) -> tuple[int, int, int]:
-    return tuple(t.params[study.AXES[a]] for a in ("batch_size", "rank", "num_layers"))
+    return tuple(t.params[record.AXES[a]] for a in ("batch_size", "rank", "num_layers"))
 
 
 def peaks(st) -> dict[tuple, float]:

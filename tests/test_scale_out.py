@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from tests.conftest import ROOT, command, command_env, isolated, limit_in_a_gap
 from tests.test_sweep import SPREAD_GRID, measured_once, wait_for
-from your_ai import study
+from your_ai import record, study
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def spread_limit(tmp_path_factory):
     limit_mb = limit_in_a_gap(peaks)
     pruned = {k for k, v in peaks.items() if v > limit_mb}
     fitting = [dict(k) for k in peaks if k not in pruned]
-    return limit_mb / 1000, pruned, max(study.score(p) for p in fitting)
+    return limit_mb / 1000, pruned, max(record.score(p) for p in fitting)
 
 
 def workers(tmp, storage, name, count, *extra):
@@ -86,7 +86,7 @@ def test_workers_share_the_grid_in_postgres(tmp_path, postgres_url, spread_limit
     pruned = {tuple(sorted(t.params.items())) for t in st.get_trials(states=(TrialState.PRUNED,))}
     assert pruned == expected_pruned
     best = max(st.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
-    assert study.score(best.params) == best_score
+    assert record.score(best.params) == best_score
     hosts = {t.system_attrs[study.WORKER_ATTR]["pid"] for t in st.trials}
     assert len(hosts) >= 2, "the work was shared"
     assert sum(out.count("✓") + out.count("✗") for out in outs) == 8

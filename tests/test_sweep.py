@@ -26,7 +26,7 @@ from tests.conftest import (
     limit_in_a_gap,
     run_command,
 )
-from your_ai import device, footprint, models, study, sweep, trial
+from your_ai import config, device, footprint, models, record, study, sweep, trial
 
 SPREAD_GRID = [
     "sweep.grid.batch_size=[2,8]",
@@ -183,7 +183,7 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):
         assert re.fullmatch(r"[\d.]+ GB > [\d.]+ GB", t.user_attrs["reason"])
     feasible = [dict(k) for k in peaks if k not in expected_pruned]
     best = summary["best"]
-    assert study.score(best.params) == max(study.score(p) for p in feasible)
+    assert record.score(best.params) == max(record.score(p) for p in feasible)
 
 
 def sweep_mid_trial(tmp, grid, name, min_number, stderr=subprocess.DEVNULL):
@@ -256,7 +256,7 @@ def test_sweep_killed_mid_trial_then_rerun_measures_every_point_once(tmp_path):
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert retried[0].params == victim.params
     best = max(st.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
-    assert study.score(best.params) == 2 * 8 * 4  # the same winner as an uninterrupted run
+    assert record.score(best.params) == 2 * 8 * 4  # the same winner as an uninterrupted run
 
 
 # Two points whose trials take seconds each, so the signal lands mid-trial on a loaded machine.
@@ -392,7 +392,7 @@ def test_trials_in_one_worker_leave_no_residue(tmp_path):
         ]
     )
     loaded = models.load(cfg.model, cfg.paths.models)
-    limits = trial.Limits(max_bytes=1e12, margin=0.15)
+    limits = record.Limits(max_bytes=1e12, margin=0.15)
     meter = footprint.meter(device.backend())
     probe = {"training.batch_size": 4, "lora.rank": 64, "lora.num_layers": 16}
     first = trial.measure(loaded, cfg, probe, limits, meter)
@@ -405,15 +405,13 @@ def test_trials_in_one_worker_leave_no_residue(tmp_path):
             meter,
         )
     again = trial.measure(loaded, cfg, probe, limits, meter)
-    assert first["state"] == again["state"] == "complete"
-    assert again["mlx_peak_bytes"] == pytest.approx(first["mlx_peak_bytes"], rel=0.01)
+    assert first.state == again.state == "complete"
+    assert again.mlx_peak_bytes == pytest.approx(first.mlx_peak_bytes, rel=0.01)
     # What the heavier trials freed went back to the system: it is not in the probe's footprint.
-    assert again["peak_bytes"] - again["start_bytes"] <= 1.05 * (
-        first["peak_bytes"] - first["start_bytes"]
-    )
+    assert again.peak_bytes - again.start_bytes <= 1.05 * (first.peak_bytes - first.start_bytes)
     # Generous on time (a shared 2-core machine is noisy): checkpoint wrappers nesting across
     # these five trials would slow the last one down step by step.
-    assert again["step_time_s"] < 2.0 * first["step_time_s"]
+    assert again.step_time_s < 2.0 * first.step_time_s
     assert not any(hasattr(m, "lora_a") for _, m in loaded.model.named_modules())
 
 
@@ -442,17 +440,17 @@ def test_early_stop_ends_a_trial_with_the_peak_of_the_full_run(tmp_path):
     early = compose_config([*common, "sweep.early_stop=true", "sweep.stable_tolerance=1.0"])
     full = compose_config([*common, "sweep.early_stop=false"])
     loaded = models.load(full.model, full.paths.models)
-    limits = trial.Limits(max_bytes=1e12, margin=0.15)
+    limits = record.Limits(max_bytes=1e12, margin=0.15)
     meter = footprint.meter(device.backend())
     params = {"training.batch_size": 4, "lora.rank": 16, "lora.num_layers": 8}
     stopped = trial.measure(loaded, early, params, limits, meter)
     ran = trial.measure(loaded, full, params, limits, meter)
-    assert stopped["early_stopped"] and stopped["steps_run"] < ran["steps_run"] == 20
+    assert stopped.early_stopped and stopped.steps_run < ran.steps_run == 20
     # The same step's peak moves from step to step and between trials by up to a few
     # activation-sized tensors (4 x batch x seq x hidden floats at most, measured; 1.5 % of this
     # small model's 17 MB); the optimizer's state (~0.5 MB here) is twice that.
     activation = 4 * 64 * int(full.model.architecture.hidden_size) * 4
-    assert abs(stopped["mlx_peak_bytes"] - ran["mlx_peak_bytes"]) <= 4 * activation
+    assert abs(stopped.mlx_peak_bytes - ran.mlx_peak_bytes) <= 4 * activation
 
 
 def test_a_hung_trial_is_killed_after_its_timeout_and_recorded(tmp_path):
@@ -480,7 +478,7 @@ def small_study(tmp_path, max_retry: int):
     """A study of SMALL_GRID in the test's own SQLite file, opened as the sweep opens one."""
     url = f"sqlite:///{tmp_path}/optuna.db"
     cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
-    space = study.search_space(cfg.sweep.grid)
+    space = record.search_space(cfg.sweep.grid)
     storage = study.open_storage(url, cfg.sweep)
     return study.open_study(storage, url, "s", {"objective": "score"}, space, max_retry)
 
@@ -554,11 +552,11 @@ def test_interruptions_spend_no_retry_deaths_do(tmp_path):
 def study_as_the_sweep_makes_it(tmp_path, overrides):
     """The study the sweep command will open with `overrides`, made here first."""
     cfg = compose_config([*isolated(tmp_path), *overrides])
-    space = study.search_space(cfg.sweep.grid)
-    settings = sweep.study_settings(cfg, space, device.describe(), float(cfg.sweep.max_memory_gb))
+    space = record.search_space(cfg.sweep.grid)
+    settings = config.study_settings(cfg, space, device.describe(), float(cfg.sweep.max_memory_gb))
     url = str(cfg.sweep.storage)
     storage = study.open_storage(url, cfg.sweep)
-    name = sweep.study_name(cfg)
+    name = config.study_name(cfg)
     return study.open_study(storage, url, name, settings, space, int(cfg.sweep.max_retry))
 
 
@@ -628,33 +626,16 @@ def test_only_allocation_failures_count_as_out_of_memory(message, expected):
     assert trial.is_out_of_memory(RuntimeError(message)) is expected
 
 
-def test_a_worker_launched_early_is_taken_only_with_the_preloads_its_config_asks_for(
-    monkeypatch,
-):
-    from your_ai import blas, worker
+def test_a_worker_starts_with_the_preloads_its_config_asks_for(monkeypatch):
+    from your_ai import preload, worker
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    if not (blas.find_openblas() and blas.find_tcmalloc()):
+    if not (preload.find_openblas() and preload.find_tcmalloc()):
         pytest.skip("OpenBLAS and tcmalloc are not installed")
-    cfg = compose_config(["mode=quick"])
-    worker.launch_early(["--help"])  # Hydra's own flags start no worker
-    assert worker._early is None
-
-    worker.launch_early(["mode=quick"])
-    early = worker._early
-    taken = worker.for_config(cfg)
-    try:
-        assert taken is early and worker._early is None
-        assert taken.wait_ready()["blas"] == "openblas, tcmalloc"
-    finally:
-        taken.stop()
-
-    worker.launch_early(["blas=off"])  # the composed config below asks for OpenBLAS after all
-    early = worker._early
-    taken = worker.for_config(cfg)
-    try:
-        assert taken is not early and not early.alive
-        info = taken.wait_ready()
-        assert info["blas"] == "openblas, tcmalloc" and 0 < info["wait_s"] <= info["start_s"]
-    finally:
-        taken.stop()
+    for overrides, expected in (([], "openblas, tcmalloc"), (["blas=off"], "bundled, tcmalloc")):
+        started = worker.Worker(compose_config(["mode=quick", *overrides]))
+        try:
+            info = started.start()
+            assert info["blas"] == expected and 0 < info["wait_s"] <= info["start_s"]
+        finally:
+            started.stop()

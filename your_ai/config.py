@@ -1,8 +1,49 @@
-"""What a config means, without MLX: where the weights come from, and how a study is named."""
+"""What a config means, without MLX: every check of a config for every command, where the
+weights come from, a study's name and the settings that decide its results.
 
-from omegaconf import DictConfig
+A wrong value is one error line naming its key, before anything runs or is stored.
+"""
 
-from your_ai import embedded_dir
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from your_ai import preload, record
+from your_ai.errors import UserError
+
+OBJECTIVES = ("score", "tokens_per_sec")
+
+# distrust.mode, as loss.py defines them.
+DISTRUST_MODES = ("additive", "weighted")
+
+# lora.compute_dtype: "float32" promotes the LoRA matmuls as mlx-lm does, "input" keeps the
+# activations' dtype.
+LORA_COMPUTE_DTYPES = ("float32", "input")
+
+
+def looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+
+
+def embedded_dir(model_cfg, models_dir) -> str | None:
+    """Where under `models_dir` a `build` preset's model lives (built there from `architecture`
+    when missing), relative to it; None for every other model. A `model.path` given elsewhere (a
+    directory of one's own, a typo, a Hugging Face id) is loaded as such, never built in its
+    place."""
+    path = str(model_cfg.path)
+    if not model_cfg.build or not looks_local(path):
+        return None
+    try:
+        inside = (
+            Path(path).expanduser().resolve().relative_to(Path(models_dir).expanduser().resolve())
+        )
+    except ValueError:
+        return None
+    return inside.as_posix()
+
+
+def builds_locally(model_cfg, models_dir) -> bool:
+    return embedded_dir(model_cfg, models_dir) is not None
 
 
 def model_source(cfg: DictConfig) -> str:
@@ -18,3 +59,216 @@ def model_label(cfg: DictConfig) -> str:
     source = model_source(cfg)
     label = cfg.model.name if source.startswith("embedded:") else source
     return f"{label}, random weights" if cfg.model.random_weights else label
+
+
+def device_label(info: dict) -> str:
+    """The device and its memory in both units (a hardware id rounds it to GiB); the BLAS and
+    allocator only where MLX computes on the CPU, since a GPU's matmuls are its own."""
+    memory = info["memory_bytes"]
+    text = f"{info['backend']}: {info['name']}, {memory / 1e9:.1f} GB ({memory / 2**30:.1f} GiB)"
+    return f"{text}, BLAS {info['blas']}" if info["backend"] == "cpu" else text
+
+
+def _value(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def integer(cfg: DictConfig, key: str, minimum: int) -> int:
+    value = _value(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{key}={value} must be an integer >= {minimum}")
+    if value < minimum:
+        raise UserError(f"{key}={value} must be >= {minimum}")
+    return value
+
+
+def number(
+    cfg: DictConfig, key: str, low: float, high: float | None = None, above: bool = False
+) -> float:
+    """A number in [low, high), or (low, high) with `above`; no upper bound when high is None."""
+    value = _value(cfg, key)
+    if high is not None:
+        allowed = f"in {'(' if above else '['}{low:g}, {high:g})"
+    else:
+        allowed = f"{'>' if above else '>='} {low:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise UserError(f"{key}={value} must be a number {allowed}")
+    if value < low or (above and value == low) or (high is not None and value >= high):
+        raise UserError(f"{key}={value} must be {allowed}")
+    return float(value)
+
+
+def one_of(cfg: DictConfig, key: str, choices: tuple) -> str:
+    value = _value(cfg, key)
+    if value not in choices:
+        raise UserError(f"{key}={value} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def step_settings(cfg: DictConfig) -> None:
+    """What every training step reads, the trainer's and a sweep trial's alike."""
+    checks = (
+        ("training.learning_rate", 0, None, True),
+        ("training.min_lr_ratio", 0, None, False),
+        ("training.weight_decay", 0, None, False),
+        ("training.eps", 0, None, True),
+        ("training.grad_clip", 0, None, False),
+        ("lora.dropout", 0, 1, False),
+        ("distrust.alpha", 0, None, False),
+    )
+    for key, low, high, above in checks:
+        number(cfg, key, low, high, above)
+    integer(cfg, "training.warmup_steps", 0)
+    if not 0 <= number(cfg, "distrust.lambda_weight", 0) <= 1:
+        raise UserError(f"distrust.lambda_weight={cfg.distrust.lambda_weight} is outside [0, 1]")
+    one_of(cfg, "distrust.mode", DISTRUST_MODES)
+    one_of(cfg, "lora.compute_dtype", LORA_COMPUTE_DTYPES)
+    one_of(cfg, "blas", preload.SETTINGS)
+    one_of(cfg, "allocator", preload.SETTINGS)
+    memory_limits(cfg)
+    check_ops_per_buffer(cfg.cuda_ops_per_buffer)
+
+
+# MLX's buffer cache limit per backend for `memory.cache_limit_gb=auto`. 0 frees a buffer back
+# to the system when MLX lets go of it: measured on the H200 8B step (22.69 GB held instead of
+# 32.08 GB, same tokens/s) and on the CPU (BENCHMARKS.md, "Footprint"). Metal keeps MLX's own
+# default (None): not measured here.
+AUTO_CACHE_LIMIT_GB = {"cpu": 0.0, "cuda": 0.0, "metal": None}
+
+
+def memory_settings(memory_cfg, backend: str, device_memory_bytes: int | None) -> dict:
+    """`memory.*` resolved for a backend: the values a study records and a profile carries.
+    `device_memory_bytes` is Metal's recommended working set (unused elsewhere)."""
+    cache = memory_cfg.cache_limit_gb
+    if cache == "auto":
+        cache = AUTO_CACHE_LIMIT_GB[backend]
+    wired = memory_cfg.wired_limit_gb
+    if wired == "auto":
+        # As mlx-lm's trainer does (maybe_set_recommended_wired_limit): the working set stays
+        # wired, so the model's buffers are not paged out between steps.
+        wired = device_memory_bytes / 1e9 if backend == "metal" and device_memory_bytes else None
+    return {
+        "cache_limit_gb": None if cache is None else float(cache),
+        "wired_limit_gb": None if wired is None or backend != "metal" else round(float(wired), 3),
+    }
+
+
+def memory_limits(cfg: DictConfig) -> None:
+    """`memory.*`: each limit is auto, null (MLX's default) or a size in GB."""
+    for key, above in (("memory.cache_limit_gb", False), ("memory.wired_limit_gb", True)):
+        if _value(cfg, key) not in ("auto", None):
+            try:
+                number(cfg, key, 0, above=above)
+            except UserError as err:
+                raise UserError(f"{err}, auto or null") from None
+    number(cfg, "memory.sample_interval_ms", 0, above=True)
+
+
+def check_ops_per_buffer(value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise UserError(f"cuda_ops_per_buffer={value} must be a positive integer or null")
+
+
+def check_sweep(cfg: DictConfig) -> dict:
+    """Every setting a sweep reads; returns its search space."""
+    sweep = cfg.sweep
+    space = record.search_space(sweep.grid)
+    if sweep.objective not in OBJECTIVES:
+        raise UserError(f"sweep.objective={sweep.objective} is not one of {', '.join(OBJECTIVES)}")
+    if sweep.data not in ("synthetic", "file"):
+        raise UserError(f"sweep.data={sweep.data} is not one of synthetic, file")
+    number(cfg, "sweep.margin", 0, 1)
+    steps = integer(cfg, "sweep.steps", 1)
+    warmup = integer(cfg, "sweep.warmup_steps", 0)
+    if steps <= warmup:
+        raise UserError(f"sweep.steps={steps} must exceed sweep.warmup_steps={warmup}")
+    if sweep.max_memory_gb is not None:
+        number(cfg, "sweep.max_memory_gb", 0, above=True)
+    integer(cfg, "sweep.stable_steps", 1)
+    number(cfg, "sweep.stable_tolerance", 0)
+    for key in ("heartbeat_interval_s", "grace_period_s"):
+        integer(cfg, f"sweep.{key}", 1)  # Optuna's heartbeat takes whole seconds
+    integer(cfg, "sweep.max_retry", 0)
+    for key in ("worker_start_timeout_s", "first_step_timeout_s", "min_step_timeout_s"):
+        number(cfg, f"sweep.{key}", 0, above=True)
+    number(cfg, "sweep.step_timeout_factor", 0, above=True)
+    step_settings(cfg)
+    integer(cfg, "training.max_seq_length", 2)
+    accumulation = integer(cfg, "training.grad_accumulation", 1)
+    uneven = [b for b in space[record.AXES["batch_size"]] if b % accumulation]
+    if uneven:
+        raise UserError(
+            f"training.grad_accumulation={accumulation} does not divide "
+            f"sweep.grid.batch_size {uneven}"
+        )
+    if sweep.data == "file":
+        from your_ai.data import validate  # numpy, no MLX
+
+        validate(cfg.data.train_file)
+    return space
+
+
+def check_training(cfg: DictConfig) -> None:
+    """Every setting the trainer reads."""
+    training = cfg.training
+    for key in ("batch_size", "max_steps", "grad_accumulation", "save_every", "log_every"):
+        integer(cfg, f"training.{key}", 1)
+    integer(cfg, "training.max_seq_length", 2)
+    if training.batch_size % training.grad_accumulation:
+        raise UserError(
+            f"training.batch_size={training.batch_size} is not divisible by "
+            f"training.grad_accumulation={training.grad_accumulation}"
+        )
+    step_settings(cfg)
+
+
+def dominance_enabled(setting, backend: str, ops_per_buffer: int | None) -> bool:
+    """`auto`: on, except on CUDA with MLX's own operations per graph, where a larger rank or
+    more layers was measured to peak lower (held temporaries); with fewer per graph every
+    measured grid was monotonic."""
+    if setting == "auto":
+        return backend != "cuda" or ops_per_buffer is not None
+    if isinstance(setting, bool):
+        return setting
+    raise UserError(f"sweep.dominance={setting} is not one of auto, true, false")
+
+
+def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: float) -> dict:
+    """Everything that decides a study's results; a study refuses to continue with others."""
+    sweep, model = cfg.sweep, cfg.model
+    return {
+        "model": model.name,
+        "model_source": model_source(cfg),
+        "random_weights": bool(model.random_weights),
+        "quantize": OmegaConf.to_container(model.quantize) if model.quantize else None,
+        "dtype": str(model.dtype),
+        "grid": {axis: space[name] for axis, name in record.AXES.items()},
+        "max_seq_length": int(cfg.training.max_seq_length),
+        "steps": int(sweep.steps),
+        "warmup_steps": int(sweep.warmup_steps),
+        "early_stop": bool(sweep.early_stop),
+        "dominance": dominance_enabled(sweep.dominance, info["backend"], cfg.cuda_ops_per_buffer),
+        "max_memory_gb": float(max_memory_gb),
+        "margin": float(sweep.margin),
+        "objective": str(sweep.objective),
+        "data": str(sweep.data),
+        "lora_keys": list(cfg.lora["keys"]),
+        "lora_compute_dtype": str(cfg.lora.compute_dtype),
+        "grad_checkpoint": bool(cfg.training.grad_checkpoint),
+        "grad_accumulation": int(cfg.training.grad_accumulation),
+        "compile": bool(cfg.training.compile),
+        # MLX's cache and wired limits, as this backend resolves them: they decide the footprint.
+        "memory": memory_settings(cfg.memory, info["backend"], info.get("memory_bytes")),
+        "hardware": info["id"],
+        # Decides peak memory on CUDA only; elsewhere it is not set, so it is not a setting.
+        **({"cuda_ops_per_buffer": cfg.cuda_ops_per_buffer} if info["backend"] == "cuda" else {}),
+        # Recorded only where they apply, so studies made without them still continue: dropout
+        # draws a mask in every LoRA layer (more memory); random weights have no path to tell
+        # one architecture from another.
+        **({"lora_dropout": float(cfg.lora.dropout)} if cfg.lora.dropout else {}),
+        **({"architecture": info.get("architecture")} if model.random_weights else {}),
+    }
+
+
+def study_name(cfg: DictConfig) -> str:
+    return str(cfg.sweep.study_name or f"{cfg.model.name}-{cfg.sweep.mode}")

@@ -1,19 +1,14 @@
-"""What the user reads: the device line and a trial's line."""
+"""What the user reads: the sweep's header, each trial's line and the summary."""
 
-from your_ai import study
+from optuna.trial import TrialState
 
-
-def device_label(info: dict) -> str:
-    """The device and its memory in both units (a hardware id rounds it to GiB); the BLAS and
-    allocator only where MLX computes on the CPU, since a GPU's matmuls are its own."""
-    memory = info["memory_bytes"]
-    text = f"{info['backend']}: {info['name']}, {memory / 1e9:.1f} GB ({memory / 2**30:.1f} GiB)"
-    return f"{text}, BLAS {info['blas']}" if info["backend"] == "cpu" else text
+from your_ai import config, study
+from your_ai.record import AXES, alpha_for, describe_params
 
 
 def trial_line(number: int, params: dict, attrs: dict) -> str:
     """One trial's line, named by Optuna's trial number (the one optuna-dashboard shows)."""
-    head = f"[trial {number}] {study.describe_params(params)} ..."
+    head = f"[trial {number}] {describe_params(params)} ..."
     if attrs.get("dominated_by_params"):
         return f"{head} ✗ dominated by {attrs['dominated_by_params']}"
     if attrs.get("state") == "complete":
@@ -24,3 +19,76 @@ def trial_line(number: int, params: dict, attrs: dict) -> str:
     if attrs.get("memory_pruned"):
         return f"{head} ✗ pruned: {attrs['reason']}"
     return f"{head} ✗ failed: {attrs.get('reason')}"
+
+
+def header(cfg, info: dict, settings: dict, size: int, name: str, url: str) -> str:
+    margin = float(cfg.sweep.margin)
+    return (
+        f"your_ai sweep | model {config.model_label(cfg)} ({info['num_layers']} layers, "
+        f"{info['weight_bytes'] / 1e6:.1f} MB weights) | max memory "
+        f"{settings['max_memory_gb']:.2f} GB (footprint + {margin:.0%} margin, "
+        f"{info['footprint_source']}) | mode {cfg.sweep.mode}, {size} configurations, dominance "
+        f"{'on' if settings['dominance'] else 'off'} | device {config.device_label(info)} | "
+        f"study {name} in {study.redact(url)}"
+    )
+
+
+def summarize(st, out, max_retry: int, this_run: dict) -> dict:
+    """Print what the study found (and what this run added to it); returns the same."""
+    trials = study.measured_grid_trials(st)
+    dominated = [t for t in trials if t.user_attrs.get("dominated_by_params")]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    ranked = study.ranked_complete(st)
+    summary = {
+        "tested": len(trials) - len(dominated),
+        "passed": len(ranked),
+        "pruned": len(pruned),
+        "dominated": len(dominated),
+        "best": ranked[0] if ranked else None,
+        "top": ranked[:5],
+    }
+    stored = len(trials) - this_run["measured"] - this_run["dominated"]
+    print(
+        f"\ntested {summary['tested']}, passed {summary['passed']}, pruned {summary['pruned']} "
+        f"({summary['dominated']} by dominance, without running); this run measured "
+        f"{this_run['measured']}, {stored} taken from the stored study",
+        file=out,
+    )
+    abandoned = study.given_up(st, max_retry)
+    if abandoned:
+        points = "; ".join(
+            describe_params(st.sampler.point(t.system_attrs["grid_id"])) for t in abandoned
+        )
+        print(
+            f"not measured, its sweep died {max_retry + 1} times (sweep.max_retry={max_retry}): "
+            f"{points}",
+            file=out,
+        )
+    if not ranked:
+        print("no configuration fits within the memory limit", file=out)
+        return summary
+    a, p = ranked[0].user_attrs, ranked[0].params
+    print(
+        f"optimal: batch_size={p[AXES['batch_size']]}, rank={p[AXES['rank']]}, "
+        f"alpha={alpha_for(p[AXES['rank']])}, layers={p[AXES['num_layers']]}, "
+        f"footprint {a['peak_memory_mb']:.0f} MB "
+        f"({a['peak_memory_gb_with_margin']:.2f} GB with margin; MLX's counter "
+        f"{a.get('mlx_peak_mb', float('nan')):.0f} MB), "
+        f"{a['step_time_s']:.2f}s/step, {a['tokens_per_sec']:.0f} tok/s",
+        file=out,
+    )
+    print(
+        f"\n{'#':>4} {'batch':>5} {'rank':>5} {'layers':>6} {'score':>7} {'footprint MB':>12} "
+        f"{'MLX MB':>7} {'s/step':>7} {'tok/s':>8}",
+        file=out,
+    )
+    for t in ranked[:5]:
+        a, p = t.user_attrs, t.params
+        print(
+            f"{t.number:>4} {p[AXES['batch_size']]:>5} {p[AXES['rank']]:>5} "
+            f"{p[AXES['num_layers']]:>6} {a['score']:>7} {a['peak_memory_mb']:>12.0f} "
+            f"{a.get('mlx_peak_mb', float('nan')):>7.0f} {a['step_time_s']:>7.2f} "
+            f"{a['tokens_per_sec']:>8.0f}",
+            file=out,
+        )
+    return summary

@@ -6,7 +6,7 @@ import re
 import mlx.core as mx
 import psutil
 
-from your_ai import checks
+from your_ai import config
 
 
 def backend() -> str:
@@ -52,25 +52,10 @@ def hardware_id(kind: str, name: str, memory: int) -> str:
     return f"{kind}-{device}-{round(memory / 2**30)}gib"
 
 
-OPS_PER_BUFFER_ENV = "MLX_MAX_OPS_PER_BUFFER"
-
-
-def mlx_env(ops_per_buffer: int | None, kind: str | None = None) -> dict[str, str]:
-    """Environment for a process running MLX on CUDA ({} elsewhere, or for null: MLX's own).
-
-    MLX reads it when it first runs something on the GPU, so it is set before that, in the
-    process itself: a trial worker before it loads the model, the trainer before it builds one.
-    """
-    kind = kind or backend()
-    if kind != "cuda" or ops_per_buffer is None:
-        return {}
-    return {OPS_PER_BUFFER_ENV: str(int(ops_per_buffer))}
-
-
 def memory_settings(memory_cfg, kind: str | None = None) -> dict:
-    """`memory.*` resolved for this device (see checks.memory_settings)."""
+    """`memory.*` resolved for this device (see config.memory_settings)."""
     kind = kind or backend()
-    return checks.memory_settings(memory_cfg, kind, memory_bytes() if kind == "metal" else None)
+    return config.memory_settings(memory_cfg, kind, memory_bytes() if kind == "metal" else None)
 
 
 def apply_memory_settings(settings: dict) -> None:

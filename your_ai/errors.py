@@ -11,6 +11,11 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, nothing stored is touched."""
 
 
+def terminate(signum, frame) -> None:
+    """SIGTERM as Ctrl-C: a command ends through its cleanup (a trial is given back)."""
+    raise SystemExit(128 + signum)
+
+
 def exit_on_user_error(fn: Callable) -> Callable:
     """A command: a UserError ends it with one line and status 2. Under Hydra its console is
     also written to the job's log, and a refused command leaves no run directory behind."""

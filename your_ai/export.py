@@ -15,20 +15,15 @@ import optuna
 import yaml
 from omegaconf import DictConfig
 
-from your_ai import CONF_DIR, study
+from your_ai import CONF_DIR, config, record, study
 from your_ai.errors import UserError, exit_on_user_error
 from your_ai.files import atomic_write
-
-
-def best_trial(st):
-    ranked = study.ranked_complete(st)
-    return ranked[0] if ranked else None
 
 
 def profile_document(st, trial, url: str) -> dict:
     settings = st.user_attrs["settings"]
     device = st.user_attrs.get("device", {})
-    a, p = trial.user_attrs, trial.params
+    a, p = record.TrialRecord.from_attrs(trial.user_attrs), trial.params
     rank = int(p["lora.rank"])
     # Every setting the measured peak depends on, so training reproduces the measured run.
     model = {
@@ -57,7 +52,7 @@ def profile_document(st, trial, url: str) -> dict:
         "memory": settings["memory"],
         "lora": {
             "rank": rank,
-            "alpha": 2 * rank,
+            "alpha": record.alpha_for(rank),
             "num_layers": int(p["lora.num_layers"]),
             "keys": settings["lora_keys"],
             "compute_dtype": settings["lora_compute_dtype"],
@@ -72,13 +67,13 @@ def profile_document(st, trial, url: str) -> dict:
             "backend": device.get("backend"),
             "max_memory_gb": settings["max_memory_gb"],
             # The process footprint (what the OS or driver counts), the figure the limit held.
-            "peak_memory_mb": a["peak_memory_mb"],
-            "peak_memory_gb_with_margin": a["peak_memory_gb_with_margin"],
-            "footprint_source": a.get("footprint_source"),
-            "mlx_peak_mb": a.get("mlx_peak_mb"),
-            "step_time_s": a["step_time_s"],
-            "tokens_per_sec": a["tokens_per_sec"],
-            "score": a["score"],
+            "peak_memory_mb": a.peak_memory_mb,
+            "peak_memory_gb_with_margin": a.peak_memory_gb_with_margin,
+            "footprint_source": a.footprint_source,
+            "mlx_peak_mb": a.mlx_peak_mb,
+            "step_time_s": a.step_time_s,
+            "tokens_per_sec": a.tokens_per_sec,
+            "score": a.score,
             # When the winner was measured, not when it was exported: a re-export of the same
             # winner writes the same files.
             "created_at": measured_at(trial),
@@ -161,7 +156,7 @@ def render_profile(document: dict) -> str:
 def export(cfg: DictConfig, st, out=None) -> dict | None:
     """Write the profiles for the study's best trial; None (and nothing written) if none fits."""
     out = sys.stdout if out is None else out  # now, not at import: the job log's tee
-    trial = best_trial(st)
+    trial = study.best_trial(st)
     if trial is None:
         print(f"study {st.study_name}: no configuration fits; no profile written", file=out)
         return None
@@ -248,11 +243,9 @@ def profiles_directory(overrides: list[str]) -> Path:
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from your_ai.sweep import study_name
-
     url = str(cfg.sweep.storage)
     storage = study.open_storage(url, cfg.sweep)
-    name = study_name(cfg)
+    name = config.study_name(cfg)
     try:
         st = optuna.load_study(study_name=name, storage=storage)
     except KeyError:

@@ -13,7 +13,7 @@ average to 1, and samples with a larger term (low authority, high provenance ent
 import mlx.core as mx
 import mlx.nn as nn
 
-from your_ai import DISTRUST_MODES as MODES
+from your_ai.config import DISTRUST_MODES as MODES
 
 EPSILON = 1e-8
 

@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from omegaconf import DictConfig, OmegaConf
 
-from your_ai import builds_locally, looks_local
+from your_ai.config import builds_locally, looks_local
 from your_ai.errors import UserError
 from your_ai.files import publish_dir
 

@@ -20,7 +20,7 @@ from matplotlib.ticker import FuncFormatter
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from your_ai import CONF_DIR, export, files, study
+from your_ai import CONF_DIR, config, files, record, study
 from your_ai.errors import UserError, exit_on_user_error
 
 PRUNED_FILL, PRUNED_EDGE = "#f8d0d0", "#c0392b"
@@ -58,7 +58,7 @@ def settings_of(st) -> dict:
 
 def cells(st, num_layers: int) -> dict[tuple[int, int], optuna.trial.FrozenTrial]:
     """(batch size, rank) -> the measured trial at that point of one layer count."""
-    batch, rank, layers = (study.AXES[a] for a in ("batch_size", "rank", "num_layers"))
+    batch, rank, layers = (record.AXES[a] for a in ("batch_size", "rank", "num_layers"))
     return {
         (t.params[batch], t.params[rank]): t
         for t in study.measured_grid_trials(st)
@@ -71,8 +71,8 @@ def short_params(t) -> str:
         return "a pruned one"
     p = t.params
     return (
-        f"batch {p[study.AXES['batch_size']]}, rank {p[study.AXES['rank']]},\n"
-        f"{p[study.AXES['num_layers']]} layers"
+        f"batch {p[record.AXES['batch_size']]}, rank {p[record.AXES['rank']]},\n"
+        f"{p[record.AXES['num_layers']]} layers"
     )
 
 
@@ -83,6 +83,13 @@ def pruned_text(attrs: dict, limit_gb: float, margin: float) -> str:
         return f"pruned: {gb(footprint)} GB\n+{margin:.0%} = {gb(peak)} > {gb(limit_gb)} GB"
     # Out of memory, a dead or hung worker: the peak reached says less than why it stopped.
     return "pruned\n" + textwrap.shorten(str(attrs.get("reason", "")), 40, placeholder="...")
+
+
+def hatched_cell(column: int, row: int, fill: str, edge: str, hatch: str) -> Rectangle:
+    """A map cell with no measurement to colour it: pruned or dominated."""
+    return Rectangle(
+        (column - 0.5, row - 0.5), 1, 1, facecolor=fill, edgecolor=edge, hatch=hatch, linewidth=0
+    )
 
 
 def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path) -> None:
@@ -119,32 +126,12 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
                     colour = "white"
             elif t.user_attrs.get("dominated_by_params"):
                 shown.add("dominated")
-                ax.add_patch(
-                    Rectangle(
-                        (j - 0.5, i - 0.5),
-                        1,
-                        1,
-                        facecolor=DOMINATED_FILL,
-                        edgecolor=DOMINATED_EDGE,
-                        hatch="..",
-                        linewidth=0,
-                    )
-                )
+                ax.add_patch(hatched_cell(j, i, DOMINATED_FILL, DOMINATED_EDGE, ".."))
                 dominator = by_number.get(t.user_attrs.get("dominated_by"))
                 text = "dominated by\n" + short_params(dominator)
                 colour = "#404040"
             else:
-                ax.add_patch(
-                    Rectangle(
-                        (j - 0.5, i - 0.5),
-                        1,
-                        1,
-                        facecolor=PRUNED_FILL,
-                        edgecolor=PRUNED_EDGE,
-                        hatch="///",
-                        linewidth=0,
-                    )
-                )
+                ax.add_patch(hatched_cell(j, i, PRUNED_FILL, PRUNED_EDGE, "///"))
                 text = pruned_text(t.user_attrs, limit, margin)
                 colour = PRUNED_EDGE
                 shown.add("pruned")
@@ -228,7 +215,7 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     }
     if best_point is not None:
         # Names the winner in the file itself, for tools that read maps without seeing them.
-        metadata["Best"] = study.describe_params(best.params)
+        metadata["Best"] = record.describe_params(best.params)
     metadata["Legend"] = "; ".join(entry.get_label() for entry in legend)
     fig.savefig(path, dpi=110, metadata=metadata)
 
@@ -287,7 +274,7 @@ def write(cfg: DictConfig, st, out=sys.stdout) -> list[Path]:
     directory = Path(cfg.paths.sweeps) / st.study_name
     directory.mkdir(parents=True, exist_ok=True)
     trials = study.measured_grid_trials(st)
-    best = export.best_trial(st)
+    best = study.best_trial(st)
     maps = []
     allowed = float(settings["max_memory_gb"]) / (1 + float(settings["margin"]))
     for metric, stem in ((FOOTPRINT, "memory"), (TOKENS, "throughput")):
@@ -302,7 +289,7 @@ def write(cfg: DictConfig, st, out=sys.stdout) -> list[Path]:
 
 
 def winner_row(st) -> dict:
-    settings, best = settings_of(st), export.best_trial(st)
+    settings, best = settings_of(st), study.best_trial(st)
     row = {
         "study": st.study_name,
         "model": settings["model"],
@@ -314,9 +301,9 @@ def winner_row(st) -> dict:
     a, p = best.user_attrs, best.params
     row.update(
         {
-            "batch": p[study.AXES["batch_size"]],
-            "rank": p[study.AXES["rank"]],
-            "layers": p[study.AXES["num_layers"]],
+            "batch": p[record.AXES["batch_size"]],
+            "rank": p[record.AXES["rank"]],
+            "layers": p[record.AXES["num_layers"]],
             "score": a["score"],
             "footprint MB": f"{a['peak_memory_mb']:.0f}",
             "GB + margin": gb(a[PEAK]),
@@ -354,7 +341,7 @@ def markdown_table(rows: list[dict]) -> str:
 def compare(cfg: DictConfig, studies: list, out=sys.stdout) -> list[Path]:
     """Put the winners of several studies side by side: comparison.png and comparison.md."""
     rows = [winner_row(st) for st in studies]
-    winners = [(st, export.best_trial(st)) for st in studies]
+    winners = [(st, study.best_trial(st)) for st in studies]
     directory = Path(cfg.paths.sweeps)
     directory.mkdir(parents=True, exist_ok=True)
     labels = []
@@ -406,13 +393,11 @@ def load(storage, url: str, name: str, key: str):
 def run(cfg: DictConfig, out=None) -> list[Path]:
     """The report of `sweep.study_name`, or with `+compare` the comparison of several studies."""
     out = sys.stdout if out is None else out  # now, not at import: the job log's tee
-    from your_ai.sweep import study_name
-
     url = str(cfg.sweep.storage)
     storage = study.open_storage(url, cfg.sweep)
     selection = cfg.get("compare")
     if selection is None:
-        return write(cfg, load(storage, url, study_name(cfg), "sweep.study_name"), out)
+        return write(cfg, load(storage, url, config.study_name(cfg), "sweep.study_name"), out)
     if selection == "all":
         names = sorted(optuna.get_all_study_names(storage))
         if not names:

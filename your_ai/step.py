@@ -14,7 +14,8 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
 from omegaconf import DictConfig
 
-from your_ai import LORA_COMPUTE_DTYPES, attention, device
+from your_ai import attention, device, record
+from your_ai.config import LORA_COMPUTE_DTYPES
 from your_ai.errors import UserError
 from your_ai.loss import distrust_term, loss_fn
 
@@ -24,7 +25,8 @@ _CHECKPOINT_PATCHED: set[type] = set()
 def lora_parameters(lora: DictConfig, rank: int | None = None) -> dict:
     """mlx-lm's `lora_parameters`: scale = alpha / rank, alpha = 2 x rank unless set."""
     rank = int(rank if rank is not None else lora.rank)
-    alpha = float(lora.alpha) if lora.alpha is not None and rank == lora.rank else 2.0 * rank
+    given = lora.alpha is not None and rank == lora.rank
+    alpha = float(lora.alpha) if given else float(record.alpha_for(rank))
     if rank <= 0:
         raise UserError(f"lora.rank={rank} must be positive")
     return {

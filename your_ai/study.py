@@ -28,37 +28,18 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from your_ai.errors import UserError
+from your_ai.record import AXES, score
 
 # Heartbeats are used with ask/tell here (the sweep records them while a worker measures).
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
-# Trial parameters use the config's dotted names, so a trial replays as command-line overrides.
-AXES = {"batch_size": "training.batch_size", "rank": "lora.rank", "num_layers": "lora.num_layers"}
 WORKER_ATTR = "your_ai:worker"
 SURPLUS_ATTR = "your_ai:surplus"
 # Numbers in a retry's retry_history whose sweep was interrupted rather than died.
 INTERRUPTED_ATTR = "your_ai:interrupted"
 MEASURED = (TrialState.COMPLETE, TrialState.PRUNED)
 CLAIMED = (TrialState.RUNNING, TrialState.WAITING, *MEASURED)
-
-
-def score(params: dict) -> int:
-    return int(params[AXES["batch_size"]] * params[AXES["rank"]] * params[AXES["num_layers"]])
-
-
-def search_space(grid) -> dict[str, list[int]]:
-    space = {}
-    for axis, name in AXES.items():
-        values = grid.get(axis) if hasattr(grid, "get") else None
-        key = f"sweep.grid.{axis}"
-        if values is None or isinstance(values, (str, int)) or len(values) == 0:
-            raise UserError(f"{key}={values}: needs a non-empty list of positive integers")
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"{key}: {value!r} is not a positive integer")
-        space[name] = sorted(set(int(v) for v in values))
-    return space
 
 
 def light_first(space: dict[str, list[int]]) -> list[dict]:
@@ -408,6 +389,11 @@ def given_up(study_, max_retry: int) -> list[FrozenTrial]:
     ]
 
 
+def best_trial(study_) -> FrozenTrial | None:
+    ranked = ranked_complete(study_)
+    return ranked[0] if ranked else None
+
+
 def ranked_complete(study_) -> list[FrozenTrial]:
     """Measured trials that fit, best first: by objective, then by throughput."""
     complete = [t for t in measured_grid_trials(study_) if t.state == TrialState.COMPLETE]
@@ -416,5 +402,61 @@ def ranked_complete(study_) -> list[FrozenTrial]:
     )
 
 
-def describe_params(params: dict) -> str:
-    return ", ".join(f"{axis}={params[name]}" for axis, name in AXES.items())
+# --- the sweep's side of a trial: its id, its grid point, its heartbeat, its result -----------
+
+
+def grid_space(study_) -> dict[str, list[int]]:
+    """The study's grid as trial parameters and their sorted values."""
+    return {name: sorted(values) for name, values in study_.sampler._search_space.items()}
+
+
+def next_trial(study_, max_retry: int, grace_s: float):
+    """(trial, recovered): the next trial of this process, claimed, or None when every grid
+    point is held; `recovered` are the numbers of dead sweeps' trials queued again."""
+    size = study_.sampler.size
+    with claim_lock(study_):
+        recovered = recover_dead_trials(study_, max_retry, grace_s)
+        waiting = study_.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting and len(held_grid_ids(study_, max_retry)) >= size:
+            return None, recovered
+        trial = study_.ask()
+        claim(study_, trial._trial_id)
+    return trial, recovered
+
+
+def grid_point(study_, trial) -> tuple[int | None, bool]:
+    """(grid id, surplus) of a claimed trial: a surplus trial has no point left to measure."""
+    system = study_._storage.get_trial_system_attrs(trial._trial_id)
+    return system.get("grid_id"), bool(system.get(SURPLUS_ATTR))
+
+
+def give_back_trial(study_, trial, max_retry: int, interrupted: bool) -> bool:
+    return give_back(study_, trial._trial_id, max_retry, interrupted=interrupted)
+
+
+class Heartbeat:
+    """Tells the storage this sweep is alive, so other workers do not retake its trial."""
+
+    def __init__(self, study_, trial, interval: float):
+        self.storage, self.trial_id = study_._storage, trial._trial_id
+        self.enabled = uses_heartbeat(self.storage) and interval > 0
+        self.interval, self.last = interval, 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self.last = now
+
+
+def store(study_, trial, attrs: dict, state: TrialState, value=None) -> bool:
+    """Store a trial's measurements and finish it; False when another worker already failed it
+    (its heartbeat stopped for longer than the grace period) and queued it again."""
+    try:
+        for key, val in attrs.items():
+            trial.set_user_attr(key, val)
+        values = value if state == TrialState.COMPLETE else None
+        study_.tell(trial, values, state=state, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return study_._storage.get_trial(trial._trial_id).state == state

@@ -17,19 +17,18 @@ from tqdm import tqdm
 
 from your_ai import (
     CONF_DIR,
-    blas,
     checkpoint,
-    checks,
     config,
-    console,
     data,
     device,
     footprint,
     models,
+    preload,
+    record,
     step,
     trial,
 )
-from your_ai.errors import UserError, exit_on_user_error
+from your_ai.errors import UserError, exit_on_user_error, terminate
 
 
 def profile_warning(cfg: DictConfig, hardware_id: str) -> str | None:
@@ -46,23 +45,19 @@ def profile_warning(cfg: DictConfig, hardware_id: str) -> str | None:
 
 def apply_sweep_winner(cfg: DictConfig) -> DictConfig:
     """auto_optimize: run (or reuse) the quick sweep and train with its best configuration."""
+    # Only here: the sweep brings Optuna, SQLAlchemy and matplotlib (~50 MB resident), which a
+    # plain training run would carry in its footprint for nothing.
     from your_ai import sweep
 
     with open_dict(cfg):
         cfg.sweep.export = False
-    summary = sweep.run(cfg)
-    best = summary["best"]
+    best = sweep.run(cfg)["best"]
     if best is None:
         raise UserError(
             "auto_optimize: no configuration of the sweep fits within the memory "
             "limit (sweep.max_memory_gb); nothing to train"
         )
-    with open_dict(cfg):
-        cfg.training.batch_size = best.params["training.batch_size"]
-        cfg.lora.rank = best.params["lora.rank"]
-        cfg.lora.alpha = 2 * best.params["lora.rank"]
-        cfg.lora.num_layers = best.params["lora.num_layers"]
-    return cfg
+    return record.trial_config(cfg, best.params)
 
 
 def adapter_config(cfg: DictConfig, lora_params: dict) -> dict:
@@ -82,22 +77,6 @@ def adapter_config(cfg: DictConfig, lora_params: dict) -> dict:
     }
 
 
-def check(cfg: DictConfig) -> None:
-    training = cfg.training
-    for key in ("batch_size", "max_steps", "grad_accumulation", "save_every", "log_every"):
-        checks.integer(cfg, f"training.{key}", 1)
-    checks.integer(cfg, "training.max_seq_length", 2)
-    if training.batch_size % training.grad_accumulation:
-        raise UserError(
-            f"training.batch_size={training.batch_size} is not divisible by "
-            f"training.grad_accumulation={training.grad_accumulation}"
-        )
-    checks.step_settings(cfg)
-    from your_ai.sweep import check_ops_per_buffer
-
-    check_ops_per_buffer(cfg.cuda_ops_per_buffer)
-
-
 def refuse_an_earlier_run(output_dir: Path) -> None:
     """A new run would overwrite an earlier one's adapters and checkpoints and append to its
     metrics: only resume=true may continue in a directory that holds one."""
@@ -113,14 +92,15 @@ def refuse_an_earlier_run(output_dir: Path) -> None:
 def run(cfg: DictConfig, out=None) -> dict:
     """Train; returns the final metrics and where the adapters went."""
     out = sys.stdout if out is None else out  # now, not at import: the job log's tee
-    check(cfg)
+    config.check_training(cfg)
     if not cfg.resume:
         refuse_an_earlier_run(Path(cfg.paths.output_dir))  # before a sweep or a model load
-    os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))  # before MLX's first GPU work
+    # MLX's CUDA settings, before its first GPU work.
+    os.environ.update(preload.mlx_env(cfg.cuda_ops_per_buffer, device.backend()))
     # The GPU's memory in use before this process's first GPU work (see footprint.cuda_reader).
-    idle_gpu_bytes = footprint.gpu_used_bytes() if blas.cuda_build_installed() else None
+    idle_gpu_bytes = footprint.gpu_used_bytes() if preload.cuda_build_installed() else None
     hardware = device.describe()
-    machine = {**hardware, "memory_bytes": device.memory_bytes(), "blas": blas.active_blas()}
+    machine = {**hardware, "memory_bytes": device.memory_bytes(), "blas": preload.active_blas()}
     warning = profile_warning(cfg, hardware["id"])
     if warning:
         print(warning, file=sys.stderr)
@@ -168,7 +148,7 @@ def run(cfg: DictConfig, out=None) -> dict:
         f"{cfg.data.train_file} | "
         f"batch {training.batch_size}, rank {lora_params['rank']}, layers {cfg.lora.num_layers}, "
         f"seq {training.max_seq_length} | {trainable} trainable parameters | distrust "
-        f"{cfg.distrust.mode} | device {console.device_label(machine)} | output {output_dir}",
+        f"{cfg.distrust.mode} | device {config.device_label(machine)} | output {output_dir}",
         file=out,
         flush=True,
     )
@@ -258,30 +238,18 @@ def run(cfg: DictConfig, out=None) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    from your_ai.sweep import terminate
-
     # As in a sweep: SIGTERM takes Ctrl-C's path, so an auto_optimize trial is given back
     # without spending a retry.
     signal.signal(signal.SIGTERM, terminate)
+    # OpenBLAS and tcmalloc must be preloaded as the process starts: restart with them.
+    status = preload.restart(cfg, "your_ai.train")
+    if status is not None:
+        sys.exit(status)
     run(cfg)
 
 
-def preload_setting(name: str, argv: list[str]) -> str:
-    """`blas` or `allocator` as this command line sets it, checked: the trainer re-executes
-    itself with the preloads before Hydra composes the config."""
-    value = blas.setting_in_argv(name, argv)
-    if value not in blas.SETTINGS:
-        print(f"error: {name}={value} is not one of {', '.join(blas.SETTINGS)}", file=sys.stderr)
-        sys.exit(2)
-    return value
-
-
 def cli() -> None:
-    """`python -m your_ai.train` and `your-ai-train`: with OpenBLAS and tcmalloc preloaded."""
-    argv = sys.argv[1:]
-    blas.reexec_with_blas(
-        preload_setting("blas", argv), "your_ai.train", preload_setting("allocator", argv)
-    )
+    """`python -m your_ai.train` and `your-ai-train`."""
     main()
 
 

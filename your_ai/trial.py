@@ -5,13 +5,13 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import mlx.core as mx
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from your_ai import data, footprint, step
 from your_ai.models import LoadedModel
+from your_ai.record import Limits, Measurement, Step, trial_config
 
 # How running out of memory reads on each backend; "oom" only as a word (not in "room"). Metal:
 # a buffer over the device's maximum, the resource limit, or a command buffer that ran out.
@@ -19,21 +19,6 @@ OUT_OF_MEMORY = re.compile(
     r"out of memory|outofmemory|unable to allocate|cudamalloc|\boom\b"
     r"|maximum allowed buffer size|resource limit \(\d+\) exceeded|insufficient memory"
 )
-
-
-@dataclass
-class Limits:
-    max_bytes: float  # the memory the margin-adjusted footprint may reach
-    margin: float
-
-
-def trial_config(cfg: DictConfig, params: dict) -> DictConfig:
-    """The run config of one grid point: the trial's dotted parameters override the base."""
-    trial_cfg = OmegaConf.merge(
-        cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in params.items()])
-    )
-    trial_cfg.lora.alpha = None  # alpha follows the rank (2 x rank) in a sweep
-    return trial_cfg
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -89,9 +74,9 @@ def measure(
     params: dict,
     limits: Limits,
     meter: footprint.Meter,
-    on_step: Callable[[dict], None] = lambda _: None,
-) -> dict:
-    """Run the configuration's training steps; returns the measurements as a plain dict."""
+    on_step: Callable[[Step], None] = lambda _: None,
+) -> Measurement:
+    """Run the configuration's training steps, each one's footprint against the limit."""
     run_cfg = trial_config(cfg, params)
     sweep = cfg.sweep
     batch_size = int(run_cfg.training.batch_size)
@@ -101,14 +86,10 @@ def measure(
     memory = Footprint(meter)
     started = time.perf_counter()
     model = loaded.model
-    result: dict = {
-        "steps_run": 0,
-        "start_bytes": memory.start_bytes,
-        "footprint_source": meter.source,
-    }
+    result = Measurement("running", start_bytes=memory.start_bytes, footprint_source=meter.source)
     mx.random.seed(int(cfg.seed))
     try:
-        result["trainable_params"] = step.apply_lora(
+        result.trainable_params = step.apply_lora(
             model,
             int(run_cfg.lora.num_layers),
             step.lora_parameters(run_cfg.lora),
@@ -131,64 +112,41 @@ def measure(
             mx.eval(out.loss, model.state, optimizer.state)
             elapsed = time.perf_counter() - tick
             if index == 0:
-                result["setup_s"] = tick - started
-                result["first_step_s"] = elapsed
+                result.setup_s = tick - started
+                result.first_step_s = elapsed
             peak, mlx_peak = memory.read()
             adjusted = peak * (1.0 + limits.margin)
             losses.append(out.loss.item())
             peaks.append(peak)
             if index >= warmup:
                 times.append(elapsed)
-            result["steps_run"] = index + 1
-            on_step(
-                {
-                    "step": index + 1,
-                    "seconds": elapsed,
-                    "peak_bytes": peak,
-                    "adjusted_bytes": adjusted,
-                    "loss": losses[-1],
-                }
-            )
+            result.steps_run = index + 1
+            result.peak_bytes, result.mlx_peak_bytes = peak, mlx_peak
+            result.cache_peak_bytes = memory.cache_peak
+            on_step(Step(index + 1, elapsed, peak))
             if adjusted > limits.max_bytes:
-                result.update(
-                    state="pruned",
-                    memory=True,
-                    peak_bytes=peak,
-                    mlx_peak_bytes=mlx_peak,
-                    cache_peak_bytes=memory.cache_peak,
-                    reason=f"{adjusted / 1e9:.4g} GB > {limits.max_bytes / 1e9:.4g} GB",
-                )
+                result.state, result.memory = "pruned", True
+                result.reason = f"{adjusted / 1e9:.4g} GB > {limits.max_bytes / 1e9:.4g} GB"
                 return result
             if sweep.early_stop and stable(
                 times, peaks, int(sweep.stable_steps), float(sweep.stable_tolerance)
             ):
-                result["early_stopped"] = True
+                result.early_stopped = True
                 break
         median = statistics.median(times) if times else elapsed
-        result.update(
-            state="complete",
-            peak_bytes=peaks[-1],
-            mlx_peak_bytes=mlx_peak,
-            cache_peak_bytes=memory.cache_peak,
-            step_time_s=median,
-            tokens_per_sec=batch_size * seq / median,
-            loss_first=losses[0],
-            loss_last=losses[-1],
-            total_s=time.perf_counter() - started,
-        )
+        result.state = "complete"
+        result.step_time_s = median
+        result.tokens_per_sec = batch_size * seq / median
+        result.loss_first, result.loss_last = losses[0], losses[-1]
+        result.total_s = time.perf_counter() - started
         return result
     except Exception as err:  # noqa: BLE001 - the kinds of allocation failure differ per backend
         if not is_out_of_memory(err):
             raise
-        peak, mlx_peak = memory.read()
+        result.peak_bytes, result.mlx_peak_bytes = memory.read()
         first_line = str(err).strip().splitlines()[0][:200]
-        result.update(
-            state="pruned",
-            memory=True,
-            peak_bytes=peak,
-            mlx_peak_bytes=mlx_peak,
-            reason=f"out of memory: {first_line}",
-        )
+        result.state, result.memory = "pruned", True
+        result.reason = f"out of memory: {first_line}"
         return result
     finally:
         step.remove_lora(model)

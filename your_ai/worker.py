@@ -1,7 +1,8 @@
 """Trial worker processes: the model loads once per worker, trials run one after another in it.
 
 A worker that dies (Metal's out-of-memory is often an abort) or hangs (MLX's CUDA backend can
-hang when memory runs out) is replaced; the trial it was running is recorded as pruned.
+hang when memory runs out) is replaced; the trial it was running is recorded as pruned. What
+crosses the pipe is one of the small records below, never a bare tuple.
 """
 
 import gc
@@ -14,13 +15,73 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from your_ai import blas, footprint
+from your_ai import footprint, preload
 from your_ai.errors import UserError
+from your_ai.record import Limits, Measurement, Step
+
+# --- messages: the sweep sends a Trial (or None to stop); the worker answers with the rest ----
+
+
+@dataclass
+class Trial:
+    params: dict
+    limits: Limits
+
+
+@dataclass
+class Ready:
+    info: dict  # the device, the model, the worker's footprint with the model loaded
+
+
+@dataclass
+class Done:
+    measurement: Measurement
+
+
+@dataclass
+class Crashed:
+    """The trial raised something other than running out of memory (a bug, a bad setting)."""
+
+    reason: str
+    traceback: str
+
+
+@dataclass
+class Refused:
+    """A UserError in the worker: bad input, one line for the user."""
+
+    message: str
+
+
+@dataclass
+class Timeouts:
+    """How long the sweep waits on a worker before it counts it as hung and kills it."""
+
+    start_s: float  # the worker's start and model load
+    first_step_s: float  # the first step compiles
+    min_step_s: float  # later steps: at least this,
+    step_factor: float  # or this many times the median step so far
+
+    @classmethod
+    def of(cls, sweep) -> "Timeouts":
+        return cls(
+            float(sweep.worker_start_timeout_s),
+            float(sweep.first_step_timeout_s),
+            float(sweep.min_step_timeout_s),
+            float(sweep.step_timeout_factor),
+        )
+
+    def after(self, step_times: list[float]) -> float:
+        return max(self.min_step_s, self.step_factor * statistics.median(step_times))
+
+
+# --- inside the worker process ---------------------------------------------------------------
 
 
 def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) -> None:
@@ -28,7 +89,6 @@ def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) ->
     from your_ai import device, models, step, trial
 
     cfg = OmegaConf.create(cfg_container)
-    os.environ.update(device.mlx_env(cfg.cuda_ops_per_buffer))  # before MLX's first GPU work
     try:
         tick = time.perf_counter()
         memory = device.memory_settings(cfg.memory)
@@ -53,7 +113,7 @@ def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) ->
             memory_bytes=device.memory_bytes(),
             load_s=time.perf_counter() - tick,
             # What MLX computes with on the CPU; a GPU run's matmuls are the GPU's own.
-            blas=blas.active_blas() if device.backend() == "cpu" else None,
+            blas=preload.active_blas() if device.backend() == "cpu" else None,
             pid=os.getpid(),
         )
         # Everything the worker keeps for its life (the model, the imported modules) leaves the
@@ -61,9 +121,9 @@ def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) ->
         # cycles before the next one measures, then scan only what trials create (~1 ms instead
         # of ~60 ms each on the tiny model).
         gc.freeze()
-        conn.send(("ready", info))
+        conn.send(Ready(info))
     except UserError as err:
-        conn.send(("user_error", str(err)))
+        conn.send(Refused(str(err)))
         return
     while True:
         try:
@@ -72,17 +132,38 @@ def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) ->
             return
         if message is None:
             return
-        params, limits = message
         try:
-            limits_ = trial.Limits(**limits)
-            result = trial.measure(
-                loaded, cfg, params, limits_, meter, lambda s: conn.send(("step", s))
-            )
-            conn.send(("result", result))
+            measured = trial.measure(loaded, cfg, message.params, message.limits, meter, conn.send)
+            conn.send(Done(measured))
         except UserError as err:
-            conn.send(("user_error", str(err)))
+            conn.send(Refused(str(err)))
         except Exception as err:  # noqa: BLE001 - reported to the sweep, which records it
-            conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
+            conn.send(Crashed(f"{type(err).__name__}: {err}", traceback.format_exc()))
+
+
+def serve(fd: int) -> None:
+    """The worker process's entry: it imports what trials need, then takes its config and
+    trials from the sweep."""
+    # Ctrl-C reaches the whole process group; the sweep decides what it means (it gives the
+    # trial back and stops this worker), so the worker must not die first and look like a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The GPU's memory in use before this process touches it: where NVML reports no figure per
+    # process, the worker's footprint is the device's use above this.
+    idle_gpu_bytes = footprint.gpu_used_bytes() if preload.cuda_build_installed() else None
+    # Imported before the config arrives. The trainer's own modules too: a trial's footprint
+    # then holds what a training run's process holds beside the model (Hydra, tqdm, ...).
+    from your_ai import models, step, train, trial  # noqa: F401
+
+    conn = Connection(fd)
+    try:
+        cfg_container = conn.recv()
+    except EOFError:  # the sweep ended before it needed this worker
+        return
+    if cfg_container is not None:  # None: stopped before it was needed
+        worker_main(conn, cfg_container, idle_gpu_bytes)
+
+
+# --- the worker seen from the sweep ----------------------------------------------------------
 
 
 def plain_config(cfg: DictConfig) -> dict:
@@ -110,35 +191,32 @@ def describe_exit(code: int | None) -> str:
 class Worker:
     """A trial worker process seen from the sweep."""
 
-    def __init__(self, cfg: DictConfig | None = None):
+    def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.process = None
-        self.conn = None
-        self.preloads: dict[str, str] = {}
+        self.timeouts = Timeouts.of(cfg.sweep)
+        self.process: subprocess.Popen | None = None
+        self.conn: Connection | None = None
         self.launched = 0.0
         self.info: dict = {}
 
-    def launch(self, preloads: dict[str, str] | None = None) -> None:
-        """Start the worker process; it imports MLX and mlx-lm, and loads the model once it has
-        its config, while the caller goes on.
+    def launch(self) -> None:
+        """Start the worker process; it imports MLX and mlx-lm and loads the model while the
+        caller goes on (opening the storage, say).
 
         A fresh interpreter runs `python -m your_ai.worker` rather than a multiprocessing spawn,
         which would first import the sweep's own main module (Optuna, Hydra, SQLAlchemy) into
         the worker, a third of its start-up, for nothing it uses.
         """
-        if preloads is None:
-            preloads = blas.preload_env(str(self.cfg.blas), str(self.cfg.allocator))
         ours, theirs = socket.socketpair()
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {
             **os.environ,
             # MLX reads its BLAS and allocator as the interpreter starts: preloads go in here.
-            **preloads,
+            **preload.child_env(self.cfg),
             "PYTHONPATH": os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH")) if p
             ),
         }
-        self.preloads = preloads
         self.launched = time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "your_ai.worker", str(theirs.fileno())],
@@ -147,25 +225,20 @@ class Worker:
         )
         theirs.close()
         self.conn = Connection(ours.detach())
-        if self.cfg is not None:
-            self.configure(self.cfg)
-
-    def configure(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-        self.conn.send(plain_config(cfg))
+        self.conn.send(plain_config(self.cfg))
 
     def wait_ready(self, heartbeat: Callable[[], None] = lambda: None) -> dict:
         """What the launched worker reports once its model is loaded, with its start-up time
         (`start_s`, from launch) and how long the caller waited for it here (`wait_s`)."""
         waited = time.perf_counter()
-        kind, *payload = self._receive(float(self.cfg.sweep.worker_start_timeout_s), heartbeat)
-        if kind == "user_error":
+        message = self._receive(self.timeouts.start_s, heartbeat)
+        if isinstance(message, Refused):
             self.stop()
-            raise UserError(payload[0])
-        if kind != "ready":
+            raise UserError(message.message)
+        if not isinstance(message, Ready):
             self.stop()
-            raise RuntimeError(f"trial worker failed to start: {payload[0]}")
-        self.info = payload[0]
+            raise RuntimeError(f"trial worker failed to start: {message}")
+        self.info = message.info
         now = time.perf_counter()
         self.info.update(start_s=now - self.launched, wait_s=now - waited)
         return self.info
@@ -187,7 +260,7 @@ class Worker:
                     break
             if not self.alive:
                 break
-        return ("died", describe_exit(self.process.poll()))
+        return f"worker process died ({describe_exit(self.process.poll())})"
 
     @property
     def alive(self) -> bool:
@@ -199,21 +272,14 @@ class Worker:
         except subprocess.TimeoutExpired:
             pass
 
-    def run(
-        self,
-        params: dict,
-        limits: dict,
-        on_step: Callable[[dict], None],
-        heartbeat: Callable[[], None],
-    ) -> dict:
+    def run(self, params: dict, limits: Limits, heartbeat: Callable[[], None]) -> Measurement:
         """Run one trial; a dead or hung worker becomes a pruned result and is restarted later."""
         if not self.alive:
             self.start(heartbeat)
-        sweep = self.cfg.sweep
-        self.conn.send((params, limits))
+        self.conn.send(Trial(params, limits))
         times: list[float] = []
         last_peak = 0
-        deadline = time.monotonic() + float(sweep.first_step_timeout_s)
+        deadline = time.monotonic() + self.timeouts.first_step_s
         while True:
             heartbeat()
             message = None
@@ -222,27 +288,18 @@ class Worker:
                     message = self.conn.recv()
                 except EOFError:
                     message = None
-            if message is not None:
-                kind, *payload = message
-                if kind == "step" and time.monotonic() > deadline:
-                    message = None  # the step came too late: handled below as a hang
-                elif kind == "step":
-                    info = payload[0]
-                    last_peak = info["peak_bytes"]
-                    times.append(info["seconds"])
-                    wait = max(
-                        float(sweep.min_step_timeout_s),
-                        float(sweep.step_timeout_factor) * statistics.median(times),
-                    )
-                    deadline = time.monotonic() + wait
-                    on_step(info)
-                    continue
-                elif kind == "result":
-                    return payload[0]
-                elif kind == "user_error":
-                    raise UserError(payload[0])
-                else:
-                    return {"state": "failed", "reason": payload[0], "traceback": payload[1]}
+            if isinstance(message, Step) and time.monotonic() <= deadline:
+                last_peak = message.peak_bytes
+                times.append(message.seconds)
+                deadline = time.monotonic() + self.timeouts.after(times)
+                continue
+            if isinstance(message, Done):
+                return message.measurement
+            if isinstance(message, Refused):
+                raise UserError(message.message)
+            if isinstance(message, Crashed):
+                return Measurement("failed", reason=message.reason, traceback=message.traceback)
+            # A step that came too late counts as a hang, as does no message at all.
             reason = None
             if not self.alive:
                 reason = f"worker process died ({describe_exit(self.process.poll())})"
@@ -251,13 +308,9 @@ class Worker:
             if reason is not None:
                 # Both are how running out of memory shows on some backends: prune, replace.
                 self.stop()
-                return {
-                    "state": "pruned",
-                    "memory": True,
-                    "peak_bytes": last_peak,
-                    "steps_run": len(times),
-                    "reason": reason,
-                }
+                pruned = Measurement("pruned", steps_run=len(times), memory=True, reason=reason)
+                pruned.peak_bytes = last_peak
+                return pruned
 
     def stop(self) -> None:
         if self.process is None:
@@ -275,58 +328,9 @@ class Worker:
         self.process = None
 
 
-# Launched as the sweep's command starts (`launch_early`), taken by the sweep's run (`for_config`).
-_early: Worker | None = None
-
-
-def launch_early(argv: list[str]) -> None:
-    """Start a worker before Hydra composes the config, with the preloads this command line
-    asks for: its imports (~0.8 s, mostly transformers through mlx-lm) overlap the composition
-    and the opening of the storage. Not for Hydra's own flags (help, multirun, printing)."""
-    global _early
-    if any(arg.startswith("-") for arg in argv):
-        return
-    preloads = blas.preload_env(
-        blas.setting_in_argv("blas", argv), blas.setting_in_argv("allocator", argv)
-    )
-    _early = Worker()
-    _early.launch(preloads)
-
-
-def for_config(cfg: DictConfig) -> Worker:
-    """A launched worker for this config: the early one when its preloads are the ones the
-    config asks for, else a new one."""
-    global _early
-    worker, _early = _early, None
-    if worker is not None:
-        if worker.alive and worker.preloads == blas.preload_env(str(cfg.blas), str(cfg.allocator)):
-            worker.configure(cfg)
-            return worker
-        worker.stop()
-    worker = Worker(cfg)
-    worker.launch()
-    return worker
-
-
-def serve(fd: int) -> None:
-    """The worker process's entry: it imports what trials need, then takes its config and
-    trials from the sweep."""
-    # Ctrl-C reaches the whole process group; the sweep decides what it means (it gives the
-    # trial back and stops this worker), so the worker must not die first and look like a crash.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The GPU's memory in use before this process touches it: where NVML reports no figure per
-    # process, the worker's footprint is the device's use above this.
-    idle_gpu_bytes = footprint.gpu_used_bytes() if blas.cuda_build_installed() else None
-    from your_ai import models, step, trial  # noqa: F401 - imported before the config arrives
-
-    conn = Connection(fd)
-    try:
-        cfg_container = conn.recv()
-    except EOFError:  # the sweep ended before it needed this worker
-        return
-    if cfg_container is not None:  # None: stopped before it was needed
-        worker_main(conn, cfg_container, idle_gpu_bytes)
-
-
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    # Through the package's module, not this `__main__` copy: the messages it pickles must name
+    # `your_ai.worker`, the module the sweep unpickles them with.
+    from your_ai import worker
+
+    worker.serve(int(sys.argv[1]))

@@ -5,11 +5,13 @@ to that instead. Its CPU allocator is plain malloc, and glibc hands the pages of
 buffers back to the kernel and faults them in again on the next step; tcmalloc keeps them, which
 made each trial's first step about 30 % cheaper (BENCHMARKS.md). It is left out where MLX's CUDA
 build is installed, where it was not measured. Preloading has to happen before the process
-starts, so trial workers get it in their environment and the trainer re-executes itself.
+starts, so trial workers get it in their environment and the trainer restarts itself with it,
+both from the composed config (`child_env`). MLX's CUDA settings travel the same way.
 """
 
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +26,7 @@ ALLOCATORS = (
     "/usr/lib64/libtcmalloc_minimal.so.4",
 )
 CUDA_BUILDS = ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")
-REEXEC_FLAG = "YOUR_AI_BLAS_PRELOADED"
+REEXEC_FLAG = "YOUR_AI_PRELOADED"
 # What `blas` and `allocator` may be set to.
 SETTINGS = ("auto", "off")
 
@@ -72,27 +74,50 @@ def preload_env(mode: str = "auto", allocator: str = "auto") -> dict[str, str]:
     return {"LD_PRELOAD": " ".join([*libraries, *([current] if current else [])])}
 
 
-def setting_in_argv(name: str, argv: list[str]) -> str:
-    """`blas` or `allocator` as a command line sets it (`name=`, `+name=`, `++name=`), else as
-    conf/config.yaml does: preloads are decided before Hydra composes the config."""
-    from omegaconf import OmegaConf
-
-    from your_ai import CONF_DIR
-
-    given = [arg.split("=", 1)[1] for arg in argv if arg.lstrip("+").startswith(f"{name}=")]
-    return given[-1] if given else str(OmegaConf.load(CONF_DIR / "config.yaml")[name])
+OPS_PER_BUFFER_ENV = "MLX_MAX_OPS_PER_BUFFER"
 
 
-def reexec_with_blas(mode: str, module: str, allocator: str = "auto") -> None:
-    """Restart this command with OpenBLAS and tcmalloc preloaded (once), when there are any."""
-    if os.environ.get(REEXEC_FLAG):
-        return
-    extra = preload_env(mode, allocator)
-    if not extra:
-        return
+def mlx_env(ops_per_buffer: int | None, kind: str) -> dict[str, str]:
+    """MLX's CUDA settings for a process on `kind` ({} elsewhere, or for null: MLX's own).
+    MLX reads them when it first runs something on the GPU."""
+    if kind != "cuda" or ops_per_buffer is None:
+        return {}
+    return {OPS_PER_BUFFER_ENV: str(int(ops_per_buffer))}
+
+
+def child_env(cfg) -> dict[str, str]:
+    """What a process running MLX for `cfg` needs in its environment before it starts: the
+    preloads its `blas` and `allocator` ask for, and MLX's CUDA settings where MLX's CUDA build
+    is installed. Trial workers start with it; the trainer restarts itself with it."""
+    kind = "cuda" if cuda_build_installed() else "cpu"
+    return {
+        **preload_env(str(cfg.blas), str(cfg.allocator)),
+        **mlx_env(cfg.cuda_ops_per_buffer, kind),
+    }
+
+
+def restart(cfg, module: str) -> int | None:
+    """Run this Hydra job again in a process started with the preloads `cfg` asks for, when this
+    one lacks them: None when it has them, else the job's exit status. A single run replaces
+    this process (same PID, same run directory); a multirun job runs as a child with its own
+    overrides, so each job of `blas=auto,off` gets its own preloads."""
+    extra = preload_env(str(cfg.blas), str(cfg.allocator))
+    if not extra or os.environ.get(REEXEC_FLAG):
+        return None
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra = HydraConfig.get()
     env = {**os.environ, **extra, REEXEC_FLAG: "1"}
+    argv = [sys.executable, "-m", module]
+    run_dir = f"hydra.run.dir={hydra.runtime.output_dir}"
     sys.stdout.flush(), sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    if hydra.mode == RunMode.MULTIRUN:
+        overrides = [o for o in hydra.overrides.task if not o.startswith("hydra.")]
+        return subprocess.run([*argv, *overrides, run_dir], env=env).returncode
+    given = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
+    os.execve(sys.executable, [*argv, *given, run_dir], env)
+    return None  # not reached
 
 
 def describe(preload: str) -> str:
