@@ -107,8 +107,8 @@ def main() -> None:
         cfg = compose("config", overrides=["mode=quick", *args.overrides])
     models.load(cfg.model, cfg.paths.models)  # build a local model once, outside any timing
     plain_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    preload = preload.preload_env("auto", "off")
-    if not preload:
+    openblas_only = preload.preload_env("auto", "off")
+    if not openblas_only:
         sys.exit("no OpenBLAS found to preload (Debian: apt-get install libopenblas0-pthread)")
     both = preload.preload_env("auto", "auto")
     rows = []
@@ -116,7 +116,7 @@ def main() -> None:
     # the matmul of each row runs with that row's preloads.
     for name, settings, env in (
         ("bundled BLAS, glibc malloc", ["blas=off", "allocator=off"], plain_env),
-        ("openblas, glibc malloc", ["blas=auto", "allocator=off"], {**plain_env, **preload}),
+        ("openblas, glibc malloc", ["blas=auto", "allocator=off"], {**plain_env, **openblas_only}),
         ("openblas, tcmalloc", ["blas=auto", "allocator=auto"], {**plain_env, **both}),
     ):
         wall, winner, in_blas = sweep([*settings, "mode=quick", *args.overrides], args.perf)

@@ -217,7 +217,18 @@ def main() -> None:
     )
     parser.add_argument("--extra", default="", help="more overrides for every command")
     parser.add_argument("--output", help="append the result here instead of BENCHMARKS.md")
+    parser.add_argument(
+        "--cost-only",
+        metavar="BATCH,RANK,LAYERS",
+        help="only the sampling's cost, at this configuration (no sweep, no trainer)",
+    )
     args = parser.parse_args()
+    if args.cost_only:
+        batch, rank, layers = (int(v) for v in args.cost_only.split(","))
+        params = {"training.batch_size": batch, "lora.rank": rank, "lora.num_layers": layers}
+        cost = sampling_cost(PRESETS[args.preset] + args.extra.split(), params, 3)
+        print(json.dumps(cost))
+        return
     out = Path(args.out).resolve()
     (out / "conf" / "profile").mkdir(parents=True, exist_ok=True)
     model = PRESETS[args.preset] + args.extra.split()
