@@ -1,13 +1,19 @@
 """Shared fixtures: configs composed with Hydra's compose API, every output under tmp_path."""
 
+import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import your_ai
 
@@ -24,13 +30,16 @@ SMALL_GRID = [
 
 
 def isolated(tmp: Path, storage: str | None = None) -> list[str]:
-    """Overrides that keep a run's storage, profiles and outputs under `tmp`."""
+    """Overrides that keep a run's storage, profiles and outputs under `tmp`, Hydra's run and
+    multirun directories included (one per command, as Hydra's own default names them)."""
     return [
         f"sweep.storage={storage or f'sqlite:///{tmp}/optuna.db'}",
         f"paths.sweeps={tmp}/sweeps",
         f"paths.profiles={tmp}/profiles",
         f"paths.output_dir={tmp}/run",
         "sweep.report=false",
+        f"hydra.run.dir={tmp}/outputs/${{hydra.job.name}}/${{now:%H-%M-%S_%f}}",
+        f"hydra.sweep.dir={tmp}/multirun/${{now:%H-%M-%S_%f}}",
     ]
 
 
@@ -49,12 +58,113 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         return compose(config_name=config_name, overrides=overrides or [])
 
 
+# Config groups: an override naming one (`model=tiny-q4`) needs Hydra to compose.
+GROUPS = {p.name for p in your_ai.CONF_DIR.iterdir() if p.is_dir()}
+# Hydra's directories for a command: the composed config does not hold them.
+HYDRA_DIRS = {"hydra.run.dir", "hydra.sweep.dir"}
+
+
+def _plain(override: Override) -> bool:
+    key = override.key_or_group
+    return (
+        override.type == OverrideType.CHANGE  # not +key, ++key, ~key
+        and not override.is_sweep_override()
+        and override.package is None
+        and key not in GROUPS
+        and "/" not in key
+        and (not key.startswith("hydra.") or key in HYDRA_DIRS)
+    )
+
+
+def with_overrides(base: DictConfig, overrides: list[str]) -> DictConfig:
+    """`base` (config.yaml composed without overrides) with `overrides`, as compose gives them.
+
+    Plain `key=value` overrides are applied to a copy as Hydra applies them once the defaults
+    are composed (OmegaConf.update, merging, on the struct config); Hydra's run and sweep
+    directories are left out, as compose leaves them out of its config. Anything else (a config
+    group, `+key`, `~key`, other `hydra.` keys) and any override Hydra would refuse (a key the
+    config lacks) goes to compose, which composes it or raises Hydra's own error.
+    """
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    if not all(_plain(o) for o in parsed):
+        return compose_config(list(overrides))
+    cfg = copy.deepcopy(base)
+    for override in parsed:
+        if override.key_or_group in HYDRA_DIRS:
+            continue
+        try:
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+        except OmegaConfBaseException:
+            return compose_config(list(overrides))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def base_cfg() -> DictConfig:
+    """conf/config.yaml and its defaults, composed once per session; never changed: tests take
+    copies (`with_overrides`, `make_cfg`)."""
+    return compose_config()
+
+
 @pytest.fixture
-def make_cfg(tmp_path):
+def make_cfg(tmp_path, base_cfg):
     def make(*overrides: str, tmp: Path | None = None):
-        return compose_config([*isolated(tmp or tmp_path), *overrides])
+        return with_overrides(base_cfg, [*isolated(tmp or tmp_path), *overrides])
 
     return make
+
+
+def wait_until(predicate, timeout: float = 300, interval: float = 0.05, what: str = "it"):
+    """Poll `predicate` every `interval` seconds until it returns something true, and return
+    that; fail once `timeout` seconds have passed without."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+# Where the commands write (profiles, Hydra's run and multirun directories, studies): with every
+# output under tmp_path, a test run adds nothing there, nor at the checkout's top level, except
+# the embedded models, built under models/ on first use.
+WRITTEN_BY_COMMANDS = ("conf/profile", "outputs", "multirun", "sweeps")
+MAY_BE_BUILT = ("models/",)
+
+
+def checkout_state() -> set[str]:
+    """The untracked and ignored paths git lists in WRITTEN_BY_COMMANDS (each file) and at the
+    checkout's top level."""
+
+    def listed(*args: str) -> set[str]:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!")}
+
+    inside = listed("--untracked-files=all", "--", *WRITTEN_BY_COMMANDS)
+    top = {p for p in listed("--untracked-files=normal") if "/" not in p.rstrip("/")}
+    return {p for p in inside | top if not p.startswith(MAY_BE_BUILT)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_alone():
+    """Fails the session if a test wrote into the checkout (see WRITTEN_BY_COMMANDS)."""
+    try:
+        before = checkout_state()
+    except (OSError, subprocess.CalledProcessError):
+        yield  # not a git checkout: nothing to compare against
+        return
+    yield
+    added = sorted(checkout_state() - before)
+    if added:
+        pytest.fail(f"the tests wrote into the checkout: {', '.join(added)}", pytrace=False)
 
 
 def command(module: str, *args: str) -> list[str]:
@@ -73,10 +183,10 @@ def run_command(argv: list[str], timeout: float = 600, env: dict | None = None):
 
 
 @pytest.fixture(scope="session")
-def small_sweep(tmp_path_factory):
+def small_sweep(tmp_path_factory, base_cfg):
     """One finished sweep of the small grid, no memory limit: (cfg, summary)."""
     from your_ai import sweep
 
     tmp = tmp_path_factory.mktemp("small-sweep")
-    cfg = compose_config([*isolated(tmp), *SMALL_GRID, "sweep.study_name=small"])
+    cfg = with_overrides(base_cfg, [*isolated(tmp), *SMALL_GRID, "sweep.study_name=small"])
     return cfg, sweep.run(cfg)

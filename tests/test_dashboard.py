@@ -5,7 +5,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 from PIL import Image
 
-from tests.conftest import command_env
+from tests.conftest import command_env, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 MEASUREMENTS = (
@@ -56,16 +55,17 @@ def dashboard(small_sweep, tmp_path_factory):
             env=command_env(),
         )
     base = f"http://127.0.0.1:{port}"
+
+    def answering() -> bool:
+        assert proc.poll() is None, f"optuna-dashboard exited: {log.read_text()[-2000:]}"
+        try:
+            get_json(f"{base}/api/studies")
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"optuna-dashboard exited: {log.read_text()[-2000:]}"
-            try:
-                get_json(f"{base}/api/studies")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, f"no answer: {log.read_text()[-2000:]}"
-                time.sleep(0.3)
+        wait_until(answering, timeout=60, interval=0.1, what=f"an answer from {base} ({log})")
         yield base, summary
     finally:
         proc.terminate()

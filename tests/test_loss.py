@@ -15,10 +15,10 @@ ALPHA, LAMBDA = 2.7, 0.6
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests.conftest import compose_config
+def tiny(tmp_path_factory, base_cfg):
+    from tests.conftest import with_overrides
 
-    cfg = compose_config([f"paths.models={tmp_path_factory.mktemp('models')}"])
+    cfg = with_overrides(base_cfg, [f"paths.models={tmp_path_factory.mktemp('models')}"])
     loaded = models.load(cfg.model, cfg.paths.models)
     step.apply_lora(loaded.model, 2, step.lora_parameters(cfg.lora, 4), False)
     # Non-zero LoRA B so gradients reach every LoRA matrix.

@@ -1,18 +1,13 @@
 """Profiles that travel, and Hydra multirun comparing models."""
 
-import shutil
-import uuid
-
 import optuna
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution
 
 from tests.conftest import SMALL_GRID, command, compose_config, run_command
-from your_ai import CONF_DIR, device, export, files, record
+from your_ai import device, export, files, record
 
 
 def test_export_list_shows_each_profile_with_its_numbers(small_sweep, tmp_path):
@@ -97,7 +92,10 @@ def test_multirun_runs_one_study_per_model_and_the_report_compares_them(tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("optimal:") == 2
-    report = run_command(command("your_ai.report", "+compare=all", *common[:-1]), timeout=300)
+    report = run_command(
+        command("your_ai.report", "+compare=all", *common[:-1], f"hydra.run.dir={tmp_path}/run"),
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     table = (tmp_path / "comparison.md").read_text()
     assert "tiny-quick" in table and "tiny-q4-quick" in table
@@ -151,13 +149,10 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
         )
     )
     document = export.profile_document(st, st.trials[0], "sqlite:///x.db")
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    path = CONF_DIR / "profile" / f"{name}.yaml"
-    path.write_text(export.render_profile(document))
-    try:
-        applied = compose_config([f"+profile={name}"])  # on the defaults: no quantization
-    finally:
-        path.unlink()
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "swept.yaml").write_text(export.render_profile(document))
+    # On the defaults (no quantization), with tmp_path on Hydra's search path.
+    applied = compose_config([f"hydra.searchpath=[file://{tmp_path}]", "+profile=swept"])
     assert OmegaConf.to_container(applied.model.quantize) == {"bits": 4, "group_size": 64}
     assert applied.training.grad_accumulation == 2
     assert applied.training.compile is False
@@ -179,11 +174,8 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
 def test_a_hardware_id_names_a_profile_that_plus_profile_applies(tmp_path, name, expected):
     hardware = device.hardware_id("cpu", name, 31 * 2**30)
     assert hardware == expected
-    conf = tmp_path / "conf"
-    shutil.copytree(CONF_DIR, conf)
-    profile = conf / "profile" / f"tiny-{hardware}.yaml"
+    profile = tmp_path / "profile" / f"tiny-{hardware}.yaml"
+    profile.parent.mkdir()
     profile.write_text("# @package _global_\ntraining:\n  batch_size: 3\n")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        applied = compose(config_name="config", overrides=[f"+profile={profile.stem}"])
+    applied = compose_config([f"hydra.searchpath=[file://{tmp_path}]", f"+profile={profile.stem}"])
     assert applied.training.batch_size == 3

@@ -9,7 +9,7 @@ import yaml
 from optuna.trial import TrialState
 from PIL import Image
 
-from tests.conftest import command, compose_config, isolated, run_command
+from tests.conftest import command, compose_config, isolated, run_command, with_overrides
 from your_ai import record, report, study, sweep
 from your_ai.errors import UserError
 
@@ -44,25 +44,26 @@ def peaks(st) -> dict[tuple, float]:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def swept(tmp_path_factory, base_cfg):
     """Two studies in one storage: `free` (no limit, to learn the peaks) and `limited`, whose
     limit lies between the heaviest batch-1 and the lightest batch-4 peak."""
     tmp = tmp_path_factory.mktemp("report")
     base = [*isolated(tmp), *GRID]
-    free = sweep.run(compose_config([*base, "sweep.study_name=free"]), out=io.StringIO())
+    free = sweep.run(with_overrides(base_cfg, [*base, "sweep.study_name=free"]), out=io.StringIO())
     measured = peaks(free["study"])
     light = max(v for p, v in measured.items() if p[0] == 1)
     heavy = min(v for p, v in measured.items() if p[0] == 4)
     limit = round((light + heavy) / 2, 3)
     assert light < limit < heavy, f"no limit separates batch 1 from batch 4: {measured}"
-    cfg = compose_config(
+    cfg = with_overrides(
+        base_cfg,
         [
             *base,
             "sweep.study_name=limited",
             f"sweep.max_memory_gb={limit}",
             "sweep.export=true",
             "sweep.report=true",
-        ]
+        ],
     )
     printed = io.StringIO()
     limited = sweep.run(cfg, out=printed)
@@ -174,8 +175,8 @@ def test_compare_names_studies_and_refuses_unknown_ones(swept):
         report.run(cfg, out=io.StringIO())
 
 
-def test_missing_study_is_a_user_error(swept):
-    cfg = compose_config([*isolated(swept.tmp), "sweep.study_name=nope"])
+def test_missing_study_is_a_user_error(swept, base_cfg):
+    cfg = with_overrides(base_cfg, [*isolated(swept.tmp), "sweep.study_name=nope"])
     message = f"sweep.study_name=nope: no such study in sqlite:///{swept.tmp}/optuna.db"
     with pytest.raises(UserError, match=re.escape(message)):
         report.run(cfg, out=io.StringIO())

@@ -3,15 +3,14 @@
 import os
 import signal
 import subprocess
-import time
 import uuid
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, command, command_env, isolated, limit_in_a_gap
-from tests.test_sweep import SPREAD_GRID, measured_once, wait_for
+from tests.conftest import ROOT, command, command_env, isolated, limit_in_a_gap, wait_until
+from tests.test_sweep import SPREAD_GRID, handed_to_its_worker, measured_once
 from your_ai import record, study
 
 
@@ -121,11 +120,12 @@ def test_a_killed_worker_trial_is_taken_up_by_another(tmp_path, postgres_url):
             for t in st.get_trials(states=(TrialState.RUNNING,))
             if t.system_attrs.get(study.WORKER_ATTR, {}).get("pid") == first.pid
         ]
-        return mine[0] if mine and mine[0].number >= 1 else None
+        if not mine or mine[0].number < 1 or not handed_to_its_worker(postgres_url, mine[0]):
+            return None
+        return mine[0]
 
     second = workers(tmp_path, postgres_url, name, 1, *SLOW)[0]
-    victim = wait_for(running_of_first)
-    time.sleep(0.5)
+    victim = wait_until(running_of_first, what="the first worker's second trial")
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     out = finish([second])[0]

@@ -6,8 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from datetime import timezone
+from datetime import datetime, timezone
 
 import optuna
 import psutil
@@ -25,6 +24,7 @@ from tests.conftest import (
     isolated,
     limit_in_a_gap,
     run_command,
+    wait_until,
 )
 from your_ai import config, device, footprint, models, record, study, sweep, trial
 
@@ -142,10 +142,8 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in exported} == before
 
 
-def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):
-    free = compose_config(
-        [*isolated(tmp_path), *SPREAD_GRID, "sweep.study_name=free", "sweep.margin=0"]
-    )
+def test_memory_limit_prunes_by_measurement_and_by_dominance(make_cfg):
+    free = make_cfg(*SPREAD_GRID, "sweep.study_name=free", "sweep.margin=0")
     peaks = {
         tuple(sorted(t.params.items())): t.user_attrs["peak_memory_mb"]
         for t in sweep.run(free)["study"].trials
@@ -154,14 +152,11 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):
     expected_pruned = {k for k, v in peaks.items() if v > limit_mb}
     assert 0 < len(expected_pruned) < len(peaks)
 
-    limited = compose_config(
-        [
-            *isolated(tmp_path),
-            *SPREAD_GRID,
-            "sweep.study_name=limited",
-            "sweep.margin=0",
-            f"sweep.max_memory_gb={limit_mb / 1000}",
-        ]
+    limited = make_cfg(
+        *SPREAD_GRID,
+        "sweep.study_name=limited",
+        "sweep.margin=0",
+        f"sweep.max_memory_gb={limit_mb / 1000}",
     )
     summary = sweep.run(limited)
     st = summary["study"]
@@ -188,7 +183,7 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(tmp_path):
 
 def sweep_mid_trial(tmp, grid, name, min_number, stderr=subprocess.DEVNULL):
     """A sweep in its own process group, returned once a trial numbered `min_number` or later,
-    with all its parameters chosen, has run a moment: some steps done, not all."""
+    with all its parameters chosen, is in its worker's hands: running, not finished."""
     proc = subprocess.Popen(
         sweep_command(tmp, *grid),
         cwd=ROOT,
@@ -198,19 +193,11 @@ def sweep_mid_trial(tmp, grid, name, min_number, stderr=subprocess.DEVNULL):
         text=True,
         start_new_session=True,
     )
-    wait_for(lambda: (t := running_trial(tmp, name, min_number)) and len(t.params) == 3)
-    time.sleep(0.2)
+    wait_until(
+        lambda: running_in_its_worker(tmp, name, min_number, params=3),
+        what=f"trial {min_number} or later of {name} to run in its worker",
+    )
     return proc
-
-
-def wait_for(predicate, timeout=300, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
 
 
 def running_trial(tmp, name, min_number=1):
@@ -220,6 +207,36 @@ def running_trial(tmp, name, min_number=1):
         return None  # no study yet, or the sweep is still creating the database's tables
     running = [t for t in st.get_trials(states=(TrialState.RUNNING,)) if t.number >= min_number]
     return running[0] if running else None
+
+
+def handed_to_its_worker(url: str, trial) -> bool:
+    """The sweep has sent `trial` to its worker: the trial's first heartbeat is stored (the
+    sweep records one as it hands the trial over, then one every sweep.heartbeat_interval_s)."""
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            beat = conn.execute(
+                sqlalchemy.text("SELECT 1 FROM trial_heartbeats WHERE trial_id = :id"),
+                {"id": trial._trial_id},
+            )
+            return beat.first() is not None
+    finally:
+        engine.dispose()
+
+
+def running_in_its_worker(tmp, name, min_number=1, params=0):
+    """The running trial numbered `min_number` or later, once it has `params` parameters and
+    is in its worker's hands; else None."""
+    t = running_trial(tmp, name, min_number)
+    if t is None or len(t.params) < params:
+        return None
+    return t if handed_to_its_worker(f"sqlite:///{tmp}/optuna.db", t) else None
+
+
+def older_than(trial, seconds: float) -> bool:
+    """`trial` started more than `seconds` ago, by the clock the sweep compares its start with
+    (study.recover_dead_trials)."""
+    return (datetime.now() - trial.datetime_start).total_seconds() > seconds
 
 
 SLOW_GRID = [
@@ -352,8 +369,9 @@ def test_worker_killed_from_outside_is_pruned_for_memory_and_the_sweep_goes_on(t
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    wait_for(lambda: running_trial(tmp_path, "oom", min_number=3))
-    time.sleep(0.5)
+    # The kill must find the trial in the worker's hands: before that, the sweep would start a
+    # new worker for it and see no death.
+    wait_until(lambda: running_in_its_worker(tmp_path, "oom", min_number=3), what="trial 3")
     workers = psutil.Process(proc.pid).children(recursive=True)
     workers = [w for w in workers if "your_ai.worker" in w.cmdline()]
     assert len(workers) == 1
@@ -379,17 +397,14 @@ def test_worker_killed_from_outside_is_pruned_for_memory_and_the_sweep_goes_on(t
             assert (t.state == TrialState.PRUNED) == larger, t.params
 
 
-def test_trials_in_one_worker_leave_no_residue(tmp_path):
-    cfg = compose_config(
-        [
-            *isolated(tmp_path),
-            f"paths.models={tmp_path}/models",
-            "sweep.steps=10",
-            "sweep.warmup_steps=2",
-            "sweep.early_stop=false",
-            "training.grad_checkpoint=true",
-            "training.max_seq_length=64",
-        ]
+def test_trials_in_one_worker_leave_no_residue(make_cfg, tmp_path):
+    cfg = make_cfg(
+        f"paths.models={tmp_path}/models",
+        "sweep.steps=10",
+        "sweep.warmup_steps=2",
+        "sweep.early_stop=false",
+        "training.grad_checkpoint=true",
+        "training.max_seq_length=64",
     )
     loaded = models.load(cfg.model, cfg.paths.models)
     limits = record.Limits(max_bytes=1e12, margin=0.15)
@@ -427,9 +442,8 @@ def test_stable_waits_for_a_settled_median_and_a_flat_peak():
     assert not trial.stable([1.0] * 5, [90, 95, 100, 100, 100], window=4, tolerance=0.05)
 
 
-def test_early_stop_ends_a_trial_with_the_peak_of_the_full_run(tmp_path):
+def test_early_stop_ends_a_trial_with_the_peak_of_the_full_run(make_cfg, tmp_path):
     common = [
-        *isolated(tmp_path),
         f"paths.models={tmp_path}/models",
         "sweep.steps=20",
         "sweep.warmup_steps=1",
@@ -437,8 +451,8 @@ def test_early_stop_ends_a_trial_with_the_peak_of_the_full_run(tmp_path):
         "training.max_seq_length=64",
     ]
     # A loose tolerance makes the step time settle at once, so only the peak decides when.
-    early = compose_config([*common, "sweep.early_stop=true", "sweep.stable_tolerance=1.0"])
-    full = compose_config([*common, "sweep.early_stop=false"])
+    early = make_cfg(*common, "sweep.early_stop=true", "sweep.stable_tolerance=1.0")
+    full = make_cfg(*common, "sweep.early_stop=false")
     loaded = models.load(full.model, full.paths.models)
     limits = record.Limits(max_bytes=1e12, margin=0.15)
     meter = footprint.meter(device.backend())
@@ -453,17 +467,14 @@ def test_early_stop_ends_a_trial_with_the_peak_of_the_full_run(tmp_path):
     assert abs(stopped.mlx_peak_bytes - ran.mlx_peak_bytes) <= 4 * activation
 
 
-def test_a_hung_trial_is_killed_after_its_timeout_and_recorded(tmp_path):
-    cfg = compose_config(
-        [
-            *isolated(tmp_path),
-            *SMALL_GRID,
-            "sweep.study_name=hung",
-            "sweep.first_step_timeout_s=0.01",
-            "sweep.min_step_timeout_s=0.01",
-            "sweep.step_timeout_factor=0.01",
-            "sweep.export=false",
-        ]
+def test_a_hung_trial_is_killed_after_its_timeout_and_recorded(make_cfg):
+    cfg = make_cfg(
+        *SMALL_GRID,
+        "sweep.study_name=hung",
+        "sweep.first_step_timeout_s=0.01",
+        "sweep.min_step_timeout_s=0.01",
+        "sweep.step_timeout_factor=0.01",
+        "sweep.export=false",
     )
     summary = sweep.run(cfg)
     trials = summary["study"].trials
@@ -474,17 +485,17 @@ def test_a_hung_trial_is_killed_after_its_timeout_and_recorded(tmp_path):
     assert all(t.state == TrialState.PRUNED for t in trials) and len(trials) == 8
 
 
-def small_study(tmp_path, max_retry: int):
+def small_study(make_cfg, max_retry: int):
     """A study of SMALL_GRID in the test's own SQLite file, opened as the sweep opens one."""
-    url = f"sqlite:///{tmp_path}/optuna.db"
-    cfg = compose_config([*isolated(tmp_path), *SMALL_GRID])
+    cfg = make_cfg(*SMALL_GRID)
+    url = str(cfg.sweep.storage)
     space = record.search_space(cfg.sweep.grid)
     storage = study.open_storage(url, cfg.sweep)
     return study.open_study(storage, url, "s", {"objective": "score"}, space, max_retry)
 
 
-def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
-    st = small_study(tmp_path, max_retry=3)
+def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(make_cfg):
+    st = small_study(make_cfg, max_retry=3)
     taken = st.ask()
     study.claim(st, taken._trial_id)
     assert study.give_back(st, taken._trial_id, 3)
@@ -494,8 +505,8 @@ def test_give_back_twice_retries_once_and_the_retry_belongs_to_nobody(tmp_path):
     assert retry.system_attrs["grid_id"] == 0 and study.WORKER_ATTR not in retry.system_attrs
 
 
-def test_a_dead_owner_is_recovered_at_once_only_where_its_processes_are_visible(tmp_path):
-    st = small_study(tmp_path, max_retry=1)
+def test_a_dead_owner_is_recovered_at_once_only_where_its_processes_are_visible(make_cfg):
+    st = small_study(make_cfg, max_retry=1)
     # A process that has exited: its pid is no longer this one's.
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
@@ -514,8 +525,8 @@ def test_a_dead_owner_is_recovered_at_once_only_where_its_processes_are_visible(
     assert study.recover_dead_trials(st, 1, grace_s=3600) == [taken.number]
 
 
-def test_a_retry_keeps_the_grid_lightest_first(tmp_path):
-    st = small_study(tmp_path, max_retry=1)
+def test_a_retry_keeps_the_grid_lightest_first(make_cfg):
+    st = small_study(make_cfg, max_retry=1)
 
     def grid_id(trial):
         return st._storage.get_trial_system_attrs(trial._trial_id)["grid_id"]
@@ -531,8 +542,8 @@ def test_a_retry_keeps_the_grid_lightest_first(tmp_path):
     assert taken == [1, 2, 3]
 
 
-def test_interruptions_spend_no_retry_deaths_do(tmp_path):
-    st = small_study(tmp_path, max_retry=1)
+def test_interruptions_spend_no_retry_deaths_do(make_cfg):
+    st = small_study(make_cfg, max_retry=1)
 
     def take_and_give_back(interrupted):
         taken = st.ask()
@@ -549,9 +560,9 @@ def test_interruptions_spend_no_retry_deaths_do(tmp_path):
     assert chain[-1].system_attrs[study.INTERRUPTED_ATTR] == [chain[0].number, chain[1].number]
 
 
-def study_as_the_sweep_makes_it(tmp_path, overrides):
+def study_as_the_sweep_makes_it(make_cfg, overrides):
     """The study the sweep command will open with `overrides`, made here first."""
-    cfg = compose_config([*isolated(tmp_path), *overrides])
+    cfg = make_cfg(*overrides)
     space = record.search_space(cfg.sweep.grid)
     settings = config.study_settings(cfg, space, device.describe(), float(cfg.sweep.max_memory_gb))
     url = str(cfg.sweep.storage)
@@ -575,11 +586,12 @@ UNCLAIMED_GRID = [
 
 
 def test_a_trial_whose_sweep_died_before_claiming_it_is_retried_after_the_grace_period(
-    tmp_path,
+    make_cfg, tmp_path
 ):
-    st = study_as_the_sweep_makes_it(tmp_path, UNCLAIMED_GRID)
+    st = study_as_the_sweep_makes_it(make_cfg, UNCLAIMED_GRID)
     orphan = st.ask()  # a sweep that died right after taking it: no owner, no heartbeat
-    time.sleep(1.5)
+    frozen = st.trials[orphan.number]
+    wait_until(lambda: older_than(frozen, 1), what="the grace period")  # sweep.grace_period_s
     proc = run_command(sweep_command(tmp_path, *UNCLAIMED_GRID), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"retrying trials of a sweep that died: [{orphan.number}]" in proc.stdout
@@ -588,11 +600,12 @@ def test_a_trial_whose_sweep_died_before_claiming_it_is_retried_after_the_grace_
     assert len(counts) == 2 and set(counts.values()) == {1}
 
 
-def test_a_point_whose_retries_are_spent_is_not_measured_again(tmp_path):
+def test_a_point_whose_retries_are_spent_is_not_measured_again(make_cfg, tmp_path):
     grid = [*UNCLAIMED_GRID, "sweep.max_retry=0"]
-    st = study_as_the_sweep_makes_it(tmp_path, grid)
+    st = study_as_the_sweep_makes_it(make_cfg, grid)
     orphan = st.ask()
-    time.sleep(1.5)
+    frozen = st.trials[orphan.number]
+    wait_until(lambda: older_than(frozen, 1), what="the grace period")
     proc = run_command(sweep_command(tmp_path, *grid), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     st = load(tmp_path, "tiny-quick")

@@ -5,8 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import time
-import uuid
 
 import mlx.core as mx
 import numpy as np
@@ -14,7 +12,13 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
-from tests.conftest import ROOT, command, command_env, run_command
+from tests.conftest import (
+    ROOT,
+    command,
+    command_env,
+    run_command,
+    wait_until,
+)
 from your_ai import checkpoint, export, train
 
 
@@ -32,35 +36,28 @@ def adapter_config(run_dir):
 
 
 @pytest.fixture
-def exported_profile(small_sweep):
-    """The small sweep's best trial exported as conf/profile/<unique>.yaml, removed afterwards."""
+def exported_profile(small_sweep, tmp_path):
+    """The small sweep's best trial exported as <tmp>/conf/profile/<name>.yaml, and the override
+    that puts <tmp>/conf on Hydra's search path, where `+profile=<name>` finds it:
+    (search path override, name, path, document)."""
     cfg, summary = small_sweep
-    name = f"test-{uuid.uuid4().hex[:8]}"
+    name = "exported"
+    conf = tmp_path / "conf"
     cfg = cfg.copy()
     cfg.profile_name = name
-    cfg.paths.profiles = str(ROOT / "conf" / "profile")
-    existing = {p: p.read_bytes() for p in (ROOT / "conf" / "profile").glob("*.yaml")}
+    cfg.paths.profiles = str(conf / "profile")
     document = export.export(cfg, summary["study"])
-    path = ROOT / "conf" / "profile" / f"{name}.yaml"
-    named = (
-        path.parent / f"{document['measured']['model']}-{document['measured']['hardware']}.yaml"
-    )
-    yield name, path, document
-    path.unlink(missing_ok=True)
-    if named in existing:  # the per-hardware profile may be the user's own: put it back
-        named.write_bytes(existing[named])
-    else:
-        named.unlink(missing_ok=True)
+    return f"hydra.searchpath=[file://{conf}]", name, conf / "profile" / f"{name}.yaml", document
 
 
 @pytest.mark.slow
 def test_profile_round_trip_with_override_winning(tmp_path, exported_profile, small_sweep):
-    name, path, document = exported_profile
+    searchpath, name, path, document = exported_profile
     best = small_sweep[1]["best"]
     assert document["lora"]["rank"] == best.params["lora.rank"]
     assert document["training"]["batch_size"] == best.params["training.batch_size"]
 
-    run_train(tmp_path / "a", f"+profile={name}", "training.max_steps=2")
+    run_train(tmp_path / "a", searchpath, f"+profile={name}", "training.max_steps=2")
     applied = adapter_config(tmp_path / "a")
     assert applied["lora_parameters"]["rank"] == best.params["lora.rank"]
     assert applied["lora_parameters"]["scale"] == 2.0  # alpha = 2 x rank
@@ -69,7 +66,11 @@ def test_profile_round_trip_with_override_winning(tmp_path, exported_profile, sm
 
     other = 3 if best.params["training.batch_size"] != 3 else 1
     proc = run_train(
-        tmp_path / "b", f"+profile={name}", f"training.batch_size={other}", "training.max_steps=2"
+        tmp_path / "b",
+        searchpath,
+        f"+profile={name}",
+        f"training.batch_size={other}",
+        "training.max_steps=2",
     )
     assert adapter_config(tmp_path / "b")["batch_size"] == other
     assert "warning" not in proc.stderr.lower()
@@ -78,7 +79,7 @@ def test_profile_round_trip_with_override_winning(tmp_path, exported_profile, sm
     moved = yaml.safe_load(path.read_text())
     moved["measured"]["hardware"] = "cuda-nvidia_h100_80gb_hbm3-79gib"
     path.write_text("# @package _global_\n" + yaml.safe_dump(moved, sort_keys=False))
-    proc = run_train(tmp_path / "c", f"+profile={name}", "training.max_steps=1")
+    proc = run_train(tmp_path / "c", searchpath, f"+profile={name}", "training.max_steps=1")
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: profile")]
     assert len(warnings) == 1 and "cuda-nvidia_h100" in warnings[0]
 
@@ -170,13 +171,16 @@ def test_killed_and_resumed_run_ends_like_a_straight_one(tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def checkpoint_10_or_ended() -> bool:
         latest = checkpoint.latest(interrupted / "checkpoints")
-        if latest is not None and latest.name >= "step_0000010":
+        return proc.poll() is not None or (latest is not None and latest.name >= "step_0000010")
+
+    try:
+        wait_until(checkpoint_10_or_ended, timeout=300, what="checkpoint 10")
+    finally:
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = checkpoint.latest(interrupted / "checkpoints").name
     assert killed_at < "step_0000040"
