@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import your_ai
+from your_ai.errors import exit_on_user_error
 
 ROOT = your_ai.PROJECT_ROOT
 # A small grid over the tiny model: 2 x 2 x 2 points, a few steps each.
@@ -165,6 +166,16 @@ def checkout_left_alone():
     added = sorted(checkout_state() - before)
     if added:
         pytest.fail(f"the tests wrote into the checkout: {', '.join(added)}", pytrace=False)
+
+
+def refused(body, cfg: DictConfig, capsys) -> str:
+    """What a command whose body is `body` (sweep.run, train.run) prints as it refuses `cfg`,
+    run in this process through the wrapper every command has: status 2 and one line, the
+    last line of its stderr, returned."""
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(body)(cfg)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def command(module: str, *args: str) -> list[str]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, command, run_command
+from tests.conftest import ROOT, refused
 from your_ai import data
 from your_ai.errors import UserError
 
@@ -65,23 +65,15 @@ def test_batches_stream_and_resume_from_a_position(tmp_path):
     assert first.tokens.shape[1] == 32 and first.lengths.max() <= 32
 
 
-@pytest.mark.slow
-def test_training_refuses_bad_data_with_one_line(tmp_path):
+def test_training_refuses_bad_data_with_one_line(make_cfg, tmp_path, capsys):
+    from your_ai import train
+
     path = write(
         tmp_path / "bad.jsonl",
         [json.dumps(GOOD)] * 3 + ['{"text": "x", "auth_weight": 2, "prov_entropy": 1}'],
     )
-    proc = run_command(
-        command(
-            "your_ai.train",
-            f"data.train_file={path}",
-            f"hydra.run.dir={tmp_path}/run",
-            "training.max_steps=2",
-        ),
-        timeout=300,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    cfg = make_cfg(f"data.train_file={path}", "training.max_steps=2")
+    assert refused(train.run, cfg, capsys) == (
         f"error: {path}:4: auth_weight=2 is outside [0, 0.99]"
     )
-    assert not (tmp_path / "run" / "adapters").exists()
+    assert not (tmp_path / "run" / "adapters").exists()  # paths.output_dir

@@ -10,12 +10,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
+from hydra.errors import MissingConfigException
 from mlx.utils import tree_flatten
 
 from tests.conftest import (
     ROOT,
     command,
     command_env,
+    compose_config,
+    refused,
     run_command,
     wait_until,
 )
@@ -84,10 +87,10 @@ def test_profile_round_trip_with_override_winning(tmp_path, exported_profile, sm
     assert len(warnings) == 1 and "cuda-nvidia_h100" in warnings[0]
 
 
-def test_unknown_profile_is_one_clear_error(tmp_path):
-    proc = run_train(tmp_path, "+profile=does-not-exist", check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'profile/does-not-exist'" in proc.stderr
+def test_unknown_profile_is_one_clear_error():
+    # What Hydra prints for `python -m your_ai.train +profile=does-not-exist`.
+    with pytest.raises(MissingConfigException, match="Could not find 'profile/does-not-exist'"):
+        compose_config(["+profile=does-not-exist"])
 
 
 def test_adapters_load_in_mlx_lm_and_match_our_outputs(make_cfg, tmp_path):
@@ -217,10 +220,9 @@ def test_killed_and_resumed_run_ends_like_a_straight_one(tmp_path):
     assert (interrupted / "adapters" / "adapters.safetensors").read_bytes() == before
 
 
-def test_resume_without_checkpoint_is_refused(tmp_path):
-    proc = run_train(tmp_path, "resume=true", check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+def test_resume_without_checkpoint_is_refused(make_cfg, tmp_path, capsys):
+    cfg = make_cfg("resume=true", f"paths.output_dir={tmp_path}")
+    assert refused(train.run, cfg, capsys) == (
         f"error: resume=true: no checkpoint in {tmp_path}/checkpoints"
     )
 
