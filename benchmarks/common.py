@@ -59,7 +59,8 @@ def record(
 
 
 def sweep_command(workdir: Path, storage: str, *overrides: str) -> list[str]:
-    """`python -m your_ai.sweep` with its study, profiles and artifacts under `workdir`."""
+    """`python -m your_ai.sweep` with its study, profiles, artifacts and Hydra's run directory
+    (named as Hydra's default names it) under `workdir`."""
     return [
         sys.executable,
         "-m",
@@ -68,6 +69,7 @@ def sweep_command(workdir: Path, storage: str, *overrides: str) -> list[str]:
         f"paths.sweeps={workdir}/sweeps",
         f"paths.profiles={workdir}/profiles",
         "sweep.report=false",
+        f"hydra.run.dir={workdir}/outputs/${{hydra.job.name}}/${{now:%Y-%m-%d_%H-%M-%S_%f}}",
         *overrides,
     ]
 
