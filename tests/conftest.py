@@ -16,9 +16,38 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import your_ai
+from your_ai import preload
 from your_ai.errors import exit_on_user_error
 
 ROOT = your_ai.PROJECT_ROOT
+# The commands run MLX with OpenBLAS and tcmalloc preloaded (your_ai/preload.py: the workers
+# start with them, the trainer restarts itself with them), and MLX's bundled BLAS makes CPU steps
+# several times slower. The steps tests run in this process get them too: pytest starts again
+# with them, and gives the commands it runs the environment it was itself started with.
+PRELOADED = "YOUR_AI_TEST_PRELOADED"  # holds LD_PRELOAD as it was before
+
+
+def pytest_configure(config):
+    if PRELOADED in os.environ:
+        before = os.environ.pop(PRELOADED)
+        if before:
+            os.environ["LD_PRELOAD"] = before
+        else:
+            os.environ.pop("LD_PRELOAD", None)
+        return
+    started_as_pytest = sys.orig_argv[1:3] == ["-m", "pytest"] or Path(sys.argv[0]).name in (
+        "pytest",
+        "py.test",
+    )
+    extra = preload.preload_env()
+    if not extra or not started_as_pytest:
+        return
+    config.pluginmanager.getplugin("capturemanager").stop_global_capturing()
+    sys.stdout.flush(), sys.stderr.flush()
+    env = {**os.environ, **extra, PRELOADED: os.environ.get("LD_PRELOAD", "")}
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 # A small grid over the tiny model: 2 x 2 x 2 points, a few steps each.
 SMALL_GRID = [
     "sweep.grid.batch_size=[1,2]",
