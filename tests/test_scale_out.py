@@ -9,7 +9,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, command, command_env, isolated, limit_in_a_gap, wait_until
+from tests.conftest import (
+    ROOT,
+    SMALL_GRID,
+    command,
+    command_env,
+    isolated,
+    limit_in_a_gap,
+    wait_until,
+)
 from tests.test_sweep import SPREAD_GRID, handed_to_its_worker, measured_once
 from your_ai import record, study
 
@@ -141,7 +149,7 @@ def test_a_killed_worker_trial_is_taken_up_by_another(tmp_path, postgres_url):
 @pytest.mark.slow
 def test_journal_file_storage_with_two_processes(tmp_path):
     journal = f"journal:{tmp_path}/study.log"
-    finish(workers(tmp_path, journal, "journal", 2, *SPREAD_GRID))
+    finish(workers(tmp_path, journal, "journal", 2, *SMALL_GRID, "sweep.export=false"))
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(f"{tmp_path}/study.log")
     )

@@ -58,7 +58,10 @@ def measured_once(st) -> dict:
 
 @pytest.mark.slow
 def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path):
-    proc = run_command(sweep_command(tmp_path, "mode=quick"), timeout=600)
+    # Rows of 32 tokens rather than the tiny model's 128: the same grid and the same winner
+    # (no limit: the largest point), at a quarter of the work per step.
+    quick = ["mode=quick", "training.max_seq_length=32"]
+    proc = run_command(sweep_command(tmp_path, *quick), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     header = out.splitlines()[0]
@@ -135,7 +138,7 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in exported}
 
     # Rerunning the same command measures nothing again, says so, and leaves the files alone.
-    again = run_command(sweep_command(tmp_path, "mode=quick"), timeout=600)
+    again = run_command(sweep_command(tmp_path, *quick), timeout=600)
     assert again.returncode == 0 and "✓" not in again.stdout
     assert "this run measured 0, 12 taken from the stored study" in again.stdout
     assert len(load(tmp_path, "tiny-quick").trials) == 12
@@ -281,7 +284,7 @@ INTERRUPTED_GRID = [
     "sweep.grid.batch_size=[1,2]",
     "sweep.grid.rank=[4]",
     "sweep.grid.num_layers=[2]",
-    "sweep.steps=300",
+    "sweep.steps=100",
     "sweep.warmup_steps=1",
     "sweep.early_stop=false",
     "training.max_seq_length=64",
@@ -398,14 +401,16 @@ def test_worker_killed_from_outside_is_pruned_for_memory_and_the_sweep_goes_on(t
 
 
 def test_trials_in_one_worker_leave_no_residue(make_cfg, tmp_path):
-    cfg = make_cfg(
+    common = [
         f"paths.models={tmp_path}/models",
-        "sweep.steps=10",
-        "sweep.warmup_steps=2",
         "sweep.early_stop=false",
         "training.grad_checkpoint=true",
         "training.max_seq_length=64",
-    )
+    ]
+    cfg = make_cfg(*common, "sweep.steps=6", "sweep.warmup_steps=2")
+    # The heavier trials in between need only reach their peak (their first steps) and wrap
+    # their layers for checkpointing: two steps each.
+    heavier = make_cfg(*common, "sweep.steps=2", "sweep.warmup_steps=1")
     loaded = models.load(cfg.model, cfg.paths.models)
     limits = record.Limits(max_bytes=1e12, margin=0.15)
     meter = footprint.meter(device.backend())
@@ -414,7 +419,7 @@ def test_trials_in_one_worker_leave_no_residue(make_cfg, tmp_path):
     for batch, rank, layers in ((8, 128, 24), (2, 64, 32), (8, 64, 8)):
         trial.measure(
             loaded,
-            cfg,
+            heavier,
             {"training.batch_size": batch, "lora.rank": rank, "lora.num_layers": layers},
             limits,
             meter,
