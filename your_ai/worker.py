@@ -254,7 +254,7 @@ class Worker:
             if self.conn.poll(0.5):
                 try:
                     return self.conn.recv()
-                except EOFError:
+                except (EOFError, ConnectionError):  # reset: it died before reading the config
                     # The pipe closes a moment before the exit code can be read.
                     self._wait(5)
                     break
@@ -286,7 +286,7 @@ class Worker:
             if self.conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
                 try:
                     message = self.conn.recv()
-                except EOFError:
+                except (EOFError, ConnectionError):  # reset: it died before reading the trial
                     message = None
             if isinstance(message, Step) and time.monotonic() <= deadline:
                 last_peak = message.peak_bytes
