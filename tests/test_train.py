@@ -34,6 +34,27 @@ def run_train(tmp_path, *overrides, check=True):
     return proc
 
 
+def start_train(run_dir, *overrides, output=subprocess.PIPE) -> subprocess.Popen:
+    """`python -m your_ai.train` into `run_dir`, started in its own process group and not waited
+    for: runs that do not depend on each other go at once, their start-ups overlapping."""
+    return subprocess.Popen(
+        command("your_ai.train", f"hydra.run.dir={run_dir}", *overrides),
+        cwd=ROOT,
+        env=command_env(),
+        stdout=output,
+        stderr=output,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finished(proc: subprocess.Popen) -> str:
+    """The stderr of a run `start_train` started, once it ended well."""
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    return err
+
+
 def adapter_config(run_dir):
     return json.loads((run_dir / "adapters" / "adapter_config.json").read_text())
 
@@ -60,30 +81,35 @@ def test_profile_round_trip_with_override_winning(tmp_path, exported_profile, sm
     assert document["lora"]["rank"] == best.params["lora.rank"]
     assert document["training"]["batch_size"] == best.params["training.batch_size"]
 
-    run_train(tmp_path / "a", searchpath, f"+profile={name}", "training.max_steps=2")
+    # A profile measured elsewhere (for the third run): one warning line, and training still runs.
+    moved = yaml.safe_load(path.read_text())
+    moved["measured"]["hardware"] = "cuda-nvidia_h100_80gb_hbm3-79gib"
+    elsewhere = path.parent / "elsewhere.yaml"
+    elsewhere.write_text("# @package _global_\n" + yaml.safe_dump(moved, sort_keys=False))
+    other = 3 if best.params["training.batch_size"] != 3 else 1
+    runs = [
+        start_train(tmp_path / "a", searchpath, f"+profile={name}", "training.max_steps=2"),
+        start_train(
+            tmp_path / "b",
+            searchpath,
+            f"+profile={name}",
+            f"training.batch_size={other}",
+            "training.max_steps=2",
+        ),
+        start_train(tmp_path / "c", searchpath, "+profile=elsewhere", "training.max_steps=1"),
+    ]
+    stderr = [finished(run) for run in runs]
+
     applied = adapter_config(tmp_path / "a")
     assert applied["lora_parameters"]["rank"] == best.params["lora.rank"]
     assert applied["lora_parameters"]["scale"] == 2.0  # alpha = 2 x rank
     assert applied["num_layers"] == best.params["lora.num_layers"]
     assert applied["batch_size"] == best.params["training.batch_size"]
 
-    other = 3 if best.params["training.batch_size"] != 3 else 1
-    proc = run_train(
-        tmp_path / "b",
-        searchpath,
-        f"+profile={name}",
-        f"training.batch_size={other}",
-        "training.max_steps=2",
-    )
     assert adapter_config(tmp_path / "b")["batch_size"] == other
-    assert "warning" not in proc.stderr.lower()
+    assert "warning" not in stderr[1].lower()
 
-    # A profile measured elsewhere: one warning line, and training still runs.
-    moved = yaml.safe_load(path.read_text())
-    moved["measured"]["hardware"] = "cuda-nvidia_h100_80gb_hbm3-79gib"
-    path.write_text("# @package _global_\n" + yaml.safe_dump(moved, sort_keys=False))
-    proc = run_train(tmp_path / "c", searchpath, f"+profile={name}", "training.max_steps=1")
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: profile")]
+    warnings = [line for line in stderr[2].splitlines() if line.startswith("warning: profile")]
     assert len(warnings) == 1 and "cuda-nvidia_h100" in warnings[0]
 
 
@@ -164,17 +190,9 @@ def test_killed_and_resumed_run_ends_like_a_straight_one(make_cfg, tmp_path, cap
         "lora.num_layers=8",
         "training.max_seq_length=64",
     ]
-    run_train(tmp_path / "straight", *settings)
-
+    straight = start_train(tmp_path / "straight", *settings)  # beside the one killed
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        command("your_ai.train", f"hydra.run.dir={interrupted}", *settings),
-        cwd=ROOT,
-        env=command_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_train(interrupted, *settings, output=subprocess.DEVNULL)
 
     def checkpoint_10_or_ended() -> bool:
         latest = checkpoint.latest(interrupted / "checkpoints")
@@ -188,6 +206,7 @@ def test_killed_and_resumed_run_ends_like_a_straight_one(make_cfg, tmp_path, cap
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = checkpoint.latest(interrupted / "checkpoints").name
     assert killed_at < "step_0000040"
+    finished(straight)
 
     run_train(interrupted, *settings, "resume=true")
     straight, resumed = adapters(tmp_path / "straight"), adapters(interrupted)
