@@ -1,11 +1,13 @@
 """Each benchmark script runs on a tiny setting and writes its table."""
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_command
+from tests.conftest import ROOT, command_env, wait_until
 
 TINY = [
     "sweep.grid.batch_size=[1,2]",
@@ -17,27 +19,29 @@ TINY = [
 ]
 
 
-def bench(tmp_path, script, *args, env=None):
-    output = tmp_path / "BENCHMARKS.md"
-    proc = run_command(
-        [sys.executable, f"benchmarks/{script}", "--output", str(output), *args],
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = output.read_text()
-    assert "- date: " in text and "- machine: " in text and "- command: `python " in text
-    assert "|---" in text  # the table
-    return text
+def blas_args() -> list[str]:
+    from benchmarks.blas import perf_usable
+
+    # .ci/run installs perf and runs as root; elsewhere the table is checked without its column.
+    return [*(["--perf"] if perf_usable() else []), *TINY]
 
 
-@pytest.mark.slow
-def test_footprint(tmp_path):
-    text = bench(
-        tmp_path,
+# Each test's command line (given its own directory), the longest first.
+RUNS = {
+    "test_time_to_answer": lambda tmp: [
+        "time_to_answer.py",
+        "--truth-steps",
+        "3",
+        *TINY,
+        # Batch 16 at 64 tokens needs ~20 MB more than batch 1: far more than the few MB a
+        # worker's own memory moves between starts, so the limit between them admits exactly one.
+        "sweep.grid.batch_size=[1,16]",
+        "training.max_seq_length=64",
+    ],
+    "test_footprint": lambda tmp: [
         "footprint.py",
         "--out",
-        str(tmp_path / "work"),
+        str(tmp / "work"),
         "--preset",
         "tiny",
         "--steps",
@@ -45,16 +49,23 @@ def test_footprint(tmp_path):
         "--cost",
         "--extra",
         " ".join(TINY),
-    )
-    for row in ("sweep worker, whole quick sweep", "trainer, full-length rows", "mixed-length"):
-        assert row in text
-    assert "every process under the limit: yes" in text and "sampling cost" in text
-
-
-@pytest.mark.slow
-def test_step_speed(tmp_path):
-    text = bench(
-        tmp_path,
+    ],
+    "test_blas": lambda tmp: ["blas.py", *blas_args()],
+    "test_scale_out": lambda tmp: ["scale_out.py", *TINY],
+    "test_gpu_script_runs_on_the_cpu": lambda tmp: [
+        "gpu.py",
+        "--out",
+        str(tmp / "gpu"),
+        "--parts",
+        "matmul,quick-plain,quick-ckpt-nodom",
+        "--size",
+        "128",
+        "--model",
+        "model=tiny training.max_seq_length=32",
+        "--extra",
+        " ".join(TINY[:-1]),
+    ],
+    "test_step_speed": lambda tmp: [
         "step_speed.py",
         "--steps",
         "4",
@@ -65,16 +76,97 @@ def test_step_speed(tmp_path):
         "training.max_seq_length=32",
         "lora.rank=4",
         "lora.num_layers=2",
-    )
+    ],
+}
+
+
+class Runs:
+    """The benchmark runs of this module's selected tests, two at a time (as many as a CI
+    machine has cores: they share nothing, and one script alone mostly keeps one core busy),
+    started as the first test asks and collected by each test."""
+
+    AT_ONCE = 2
+
+    def __init__(self, names: list[str], tmp_path_factory):
+        self.waiting = [(n, tmp_path_factory.mktemp(n)) for n in names]
+        self.running: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.done: dict[str, tuple[int, Path]] = {}
+
+    def _start(self, name: str, tmp: Path) -> None:
+        script, *args = RUNS[name](tmp)
+        if script != "gpu.py":  # the only one that writes beside its --out
+            args = ["--output", str(tmp / "BENCHMARKS.md"), *args]
+        with open(tmp / "log", "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, f"benchmarks/{script}", *args],
+                cwd=ROOT,
+                env=command_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        self.running[name] = (proc, tmp)
+
+    def _pump(self) -> None:
+        for name, (proc, tmp) in list(self.running.items()):
+            if proc.poll() is not None:
+                self.done[name] = (proc.returncode, tmp)
+                del self.running[name]
+        while self.waiting and len(self.running) < self.AT_ONCE:
+            self._start(*self.waiting.pop(0))
+
+    def result(self, name: str) -> Path:
+        """The run's directory, once it ended well."""
+
+        def ended():
+            self._pump()
+            return name in self.done
+
+        wait_until(ended, timeout=900, interval=0.1, what=f"the run of {name}")
+        code, tmp = self.done[name]
+        assert code == 0, (tmp / "log").read_text()[-3000:]
+        return tmp
+
+    def stop(self) -> None:
+        for proc, _ in self.running.values():
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    selected = {i.originalname for i in request.session.items if i.module is request.module}
+    if not os.environ.get("YOUR_AI_TEST_POSTGRES"):
+        selected.discard("test_scale_out")  # it fails at once, saying why
+    started = Runs([n for n in RUNS if n in selected], tmp_path_factory)
+    yield started
+    started.stop()
+
+
+def bench(runs, name: str) -> str:
+    text = (runs.result(name) / "BENCHMARKS.md").read_text()
+    assert "- date: " in text and "- machine: " in text and "- command: `python " in text
+    assert "|---" in text  # the table
+    return text
+
+
+@pytest.mark.slow
+def test_footprint(runs):
+    text = bench(runs, "test_footprint")
+    for row in ("sweep worker, whole quick sweep", "trainer, full-length rows", "mixed-length"):
+        assert row in text
+    assert "every process under the limit: yes" in text and "sampling cost" in text
+
+
+@pytest.mark.slow
+def test_step_speed(runs):
+    text = bench(runs, "test_step_speed")
     assert "| ours" in text and "| mlx-lm" in text and "ours / mlx-lm tokens/s" in text
 
 
 @pytest.mark.slow
-def test_time_to_answer(tmp_path):
-    # Batch 16 at 64 tokens needs ~20 MB more than batch 1: far more than the few MB a worker's
-    # own memory moves between starts, so the limit between them admits exactly one.
-    grid = ["sweep.grid.batch_size=[1,16]", "training.max_seq_length=64"]
-    text = bench(tmp_path, "time_to_answer.py", "--truth-steps", "3", *TINY, *grid)
+def test_time_to_answer(runs):
+    text = bench(runs, "test_time_to_answer")
     for row in (
         "exhaustive, plain loop (a) and (b)",
         "exhaustive, our step (a) and (b)",
@@ -90,12 +182,9 @@ def test_time_to_answer(tmp_path):
 
 
 @pytest.mark.slow
-def test_blas(tmp_path):
-    from benchmarks.blas import perf_usable
-
-    # .ci/run installs perf and runs as root; elsewhere the table is checked without its column.
-    perf = perf_usable()
-    text = bench(tmp_path, "blas.py", *(["--perf"] if perf else []), *TINY)
+def test_blas(runs):
+    perf = "--perf" in blas_args()
+    text = bench(runs, "test_blas")
     rows = {
         line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
         for line in text.splitlines()
@@ -114,11 +203,11 @@ def test_blas(tmp_path):
 
 
 @pytest.mark.slow
-def test_scale_out(tmp_path):
+def test_scale_out(runs):
     url = os.environ.get("YOUR_AI_TEST_POSTGRES")
     if not url:
         pytest.fail("YOUR_AI_TEST_POSTGRES is not set: ./.ci/run starts a PostgreSQL server")
-    text = bench(tmp_path, "scale_out.py", *TINY)
+    text = bench(runs, "test_scale_out")
     rows = [
         [c.strip() for c in line.split("|")[1:-1]]
         for line in text.splitlines()
@@ -129,25 +218,8 @@ def test_scale_out(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_script_runs_on_the_cpu(tmp_path):
-    output = tmp_path / "gpu"
-    proc = run_command(
-        [
-            sys.executable,
-            "benchmarks/gpu.py",
-            "--out",
-            str(output),
-            "--parts",
-            "matmul,quick-plain,quick-ckpt-nodom",
-            "--size",
-            "128",
-            "--model",
-            "model=tiny training.max_seq_length=32",
-            "--extra",
-            " ".join(TINY[:-1]),
-        ],
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = (output / "BENCHMARKS-gpu.md").read_text()
+def test_gpu_script_runs_on_the_cpu(runs):
+    text = (
+        runs.result("test_gpu_script_runs_on_the_cpu") / "gpu" / "BENCHMARKS-gpu.md"
+    ).read_text()
     assert "gpu-quick-plain" in text and "gpu-quick-ckpt-nodom" in text
