@@ -29,6 +29,7 @@ from tests.conftest import (
 )
 from your_ai import config, device, footprint, models, record, study, sweep, trial
 
+# Peaks spread over ~90 MB with gaps of 10-25 MB between them on the tiny model at 64 tokens.
 SPREAD_GRID = [
     "sweep.grid.batch_size=[2,8]",
     "sweep.grid.rank=[8,64]",
@@ -37,6 +38,7 @@ SPREAD_GRID = [
     "sweep.warmup_steps=1",
     "sweep.early_stop=false",
     "sweep.export=false",
+    "training.max_seq_length=64",
 ]
 
 
