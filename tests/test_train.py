@@ -258,7 +258,11 @@ def test_auto_optimize_trains_with_the_sweep_winner(tmp_path):
         f"sweep.storage=sqlite:///{tmp_path}/optuna.db",
         f"paths.sweeps={tmp_path}",
         "sweep.report=false",
-        *SMALL_GRID,
+        # Two of SMALL_GRID's points, its winner among them: the trainer sweeps, then trains.
+        "sweep.grid.batch_size=[1,2]",
+        "sweep.grid.rank=[8]",
+        "sweep.grid.num_layers=[4]",
+        *SMALL_GRID[3:],
     )
     assert "optimal: batch_size=2, rank=8, alpha=16, layers=4" in proc.stdout
     config = adapter_config(tmp_path / "run")
