@@ -187,22 +187,32 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(make_cfg):
     assert record.score(best.params) == max(record.score(p) for p in feasible)
 
 
-def sweep_mid_trial(tmp, grid, name, min_number, stderr=subprocess.DEVNULL):
-    """A sweep in its own process group, returned once a trial numbered `min_number` or later,
-    with all its parameters chosen, is in its worker's hands: running, not finished."""
-    proc = subprocess.Popen(
+def start_sweep(tmp, grid, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+    """The sweep command of `grid` under `tmp`, in its own process group, not waited for."""
+    return subprocess.Popen(
         sweep_command(tmp, *grid),
         cwd=ROOT,
         env=command_env(),
-        stdout=subprocess.DEVNULL,
+        stdout=stdout,
         stderr=stderr,
         text=True,
         start_new_session=True,
     )
+
+
+def wait_mid_trial(tmp, name, min_number):
+    """Until a trial of `name` numbered `min_number` or later, with all its parameters chosen,
+    is in its worker's hands: running, not finished."""
     wait_until(
         lambda: running_in_its_worker(tmp, name, min_number, params=3),
         what=f"trial {min_number} or later of {name} to run in its worker",
     )
+
+
+def sweep_mid_trial(tmp, grid, name, min_number, stderr=subprocess.DEVNULL):
+    """A sweep started with `start_sweep`, returned once `wait_mid_trial` has seen its trial."""
+    proc = start_sweep(tmp, grid, stderr=stderr)
+    wait_mid_trial(tmp, name, min_number)
     return proc
 
 
@@ -297,37 +307,53 @@ INTERRUPTED_GRID = [
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("sig", "whole_group", "status"),
-    [(signal.SIGINT, True, -signal.SIGINT), (signal.SIGTERM, False, 128 + signal.SIGTERM)],
-    ids=["ctrl-c", "sigterm"],
-)
-def test_an_interrupted_sweep_spends_no_retry_and_the_next_run_measures_its_point(
-    tmp_path, sig, whole_group, status
-):
-    proc = sweep_mid_trial(
-        tmp_path, INTERRUPTED_GRID, "stopped", min_number=0, stderr=subprocess.PIPE
-    )
-    # Ctrl-C signals the terminal's whole process group, worker included; kill the sweep alone.
-    os.killpg(proc.pid, sig) if whole_group else proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == status, stderr[-3000:]
-    st = load(tmp_path, "stopped")
-    assert not st.get_trials(states=(TrialState.RUNNING,))
-    (victim,) = [t for t in st.trials if t.user_attrs.get("interrupted")]
-    assert victim.state == TrialState.FAIL and len(victim.params) == 3
-    (retry,) = st.get_trials(states=(TrialState.WAITING,))
-    assert retry.params == victim.params and "interrupted" not in retry.user_attrs
-    assert not study.is_final_failure(victim, 0)
+# How each stop reaches the sweep, and the status the sweep ends with: Ctrl-C signals the
+# terminal's whole process group, worker included; a kill (SIGTERM) reaches the sweep alone.
+STOPS = {
+    "ctrl-c": (signal.SIGINT, True, -signal.SIGINT),
+    "sigterm": (signal.SIGTERM, False, 128 + signal.SIGTERM),
+}
 
-    rerun = run_command(sweep_command(tmp_path, *INTERRUPTED_GRID), timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "not measured" not in rerun.stdout and "sweep that died" not in rerun.stdout
-    st = load(tmp_path, "stopped")
-    counts = measured_once(st)
-    assert len(counts) == 2 and set(counts.values()) == {1}
-    assert st.trials[retry.number].state == TrialState.COMPLETE
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_spends_no_retry_and_the_next_run_measures_its_point(tmp_path):
+    # Each stop on a sweep of its own, in its own directory; the two sweeps run at once.
+    procs = {
+        stop: start_sweep(tmp_path / stop, INTERRUPTED_GRID, stderr=subprocess.PIPE)
+        for stop in STOPS
+    }
+    for stop, (sig, whole_group, _) in STOPS.items():
+        proc = procs[stop]
+        wait_mid_trial(tmp_path / stop, "stopped", min_number=0)
+        os.killpg(proc.pid, sig) if whole_group else proc.send_signal(sig)
+    retries = {}
+    for stop, (_, _, status) in STOPS.items():
+        proc = procs[stop]
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == status, (stop, stderr[-3000:])
+        st = load(tmp_path / stop, "stopped")
+        assert not st.get_trials(states=(TrialState.RUNNING,))
+        (victim,) = [t for t in st.trials if t.user_attrs.get("interrupted")]
+        assert victim.state == TrialState.FAIL and len(victim.params) == 3
+        (retries[stop],) = st.get_trials(states=(TrialState.WAITING,))
+        assert retries[stop].params == victim.params
+        assert "interrupted" not in retries[stop].user_attrs
+        assert not study.is_final_failure(victim, 0)
+
+    reruns = {
+        stop: start_sweep(
+            tmp_path / stop, INTERRUPTED_GRID, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for stop in STOPS
+    }
+    for stop, rerun in reruns.items():
+        out, err = rerun.communicate(timeout=600)
+        assert rerun.returncode == 0, (stop, err[-3000:])
+        assert "not measured" not in out and "sweep that died" not in out
+        st = load(tmp_path / stop, "stopped")
+        counts = measured_once(st)
+        assert len(counts) == 2 and set(counts.values()) == {1}
+        assert st.trials[retries[stop].number].state == TrialState.COMPLETE
 
 
 @pytest.mark.slow
