@@ -1,11 +1,13 @@
 """Shared fixtures: configs composed with Hydra's compose API, every output under tmp_path."""
 
 import copy
+import io
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -230,3 +232,64 @@ def small_sweep(tmp_path_factory, base_cfg):
     tmp = tmp_path_factory.mktemp("small-sweep")
     cfg = with_overrides(base_cfg, [*isolated(tmp), *SMALL_GRID, "sweep.study_name=small"])
     return cfg, sweep.run(cfg)
+
+
+# Batch 1 and batch 4 lie megabytes apart on the tiny model, far beyond run-to-run noise,
+# so a limit between them prunes the same points every time.
+LIMITED_GRID = [
+    "sweep.grid.batch_size=[1,4]",
+    "sweep.grid.rank=[4,8]",
+    "sweep.grid.num_layers=[2,4]",
+    "sweep.steps=4",
+    "sweep.warmup_steps=1",
+]
+
+
+def grid_point(t) -> tuple[int, int, int]:
+    """A trial's (batch size, rank, layers)."""
+    from your_ai import record
+
+    return tuple(t.params[record.AXES[a]] for a in ("batch_size", "rank", "num_layers"))
+
+
+@pytest.fixture(scope="session")
+def limited_sweep(tmp_path_factory, base_cfg):
+    """Two studies of LIMITED_GRID in one storage, no margin: `free` (no limit, to learn the
+    peaks) and `limited`, whose limit lies between the heaviest batch-1 and the lightest batch-4
+    peak, exporting its profile and writing its report. The sweep's pruning and the report are
+    both checked on it."""
+    from your_ai import study, sweep
+
+    tmp = tmp_path_factory.mktemp("limited-sweep")
+    base = [*isolated(tmp), *LIMITED_GRID, "sweep.margin=0"]
+    free = sweep.run(with_overrides(base_cfg, [*base, "sweep.study_name=free"]), out=io.StringIO())
+    measured = {
+        grid_point(t): t.user_attrs["peak_memory_gb_with_margin"]
+        for t in study.measured_grid_trials(free["study"])
+    }
+    light = max(v for p, v in measured.items() if p[0] == 1)
+    heavy = min(v for p, v in measured.items() if p[0] == 4)
+    limit = round((light + heavy) / 2, 3)
+    assert light < limit < heavy, f"no limit separates batch 1 from batch 4: {measured}"
+    cfg = with_overrides(
+        base_cfg,
+        [
+            *base,
+            "sweep.study_name=limited",
+            f"sweep.max_memory_gb={limit}",
+            "sweep.export=true",
+            "sweep.report=true",
+        ],
+    )
+    printed = io.StringIO()
+    limited = sweep.run(cfg, out=printed)
+    return SimpleNamespace(
+        tmp=tmp,
+        cfg=cfg,
+        free=free["study"],
+        limited=limited["study"],
+        best=limited["best"],
+        limit=limit,
+        peaks=measured,
+        printed=printed.getvalue(),
+    )

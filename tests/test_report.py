@@ -2,26 +2,23 @@
 
 import io
 import re
-from types import SimpleNamespace
 
 import pytest
 import yaml
 from optuna.trial import TrialState
 from PIL import Image
 
-from tests.conftest import command, compose_config, isolated, run_command, with_overrides
-from your_ai import record, report, study, sweep
+from tests.conftest import (
+    command,
+    compose_config,
+    grid_point,
+    isolated,
+    run_command,
+    with_overrides,
+)
+from your_ai import report, study
 from your_ai.errors import UserError
 
-# Batch 1 and batch 4 lie megabytes apart on the tiny model, far beyond run-to-run noise,
-# so a limit between them prunes the same points every time.
-GRID = [
-    "sweep.grid.batch_size=[1,4]",
-    "sweep.grid.rank=[4,8]",
-    "sweep.grid.num_layers=[2,4]",
-    "sweep.steps=4",
-    "sweep.warmup_steps=1",
-]
 PAGES = {
     "history.html",
     "timeline.html",
@@ -30,52 +27,13 @@ PAGES = {
     "slice_memory.html",
     "slice_throughput.html",
 }
-
-
-def point(t) -> tuple[int, int, int]:
-    return tuple(t.params[record.AXES[a]] for a in ("batch_size", "rank", "num_layers"))
-
-
-def peaks(st) -> dict[tuple, float]:
-    return {
-        point(t): t.user_attrs["peak_memory_gb_with_margin"]
-        for t in study.measured_grid_trials(st)
-    }
+point = grid_point
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, base_cfg):
-    """Two studies in one storage: `free` (no limit, to learn the peaks) and `limited`, whose
-    limit lies between the heaviest batch-1 and the lightest batch-4 peak."""
-    tmp = tmp_path_factory.mktemp("report")
-    base = [*isolated(tmp), *GRID]
-    free = sweep.run(with_overrides(base_cfg, [*base, "sweep.study_name=free"]), out=io.StringIO())
-    measured = peaks(free["study"])
-    light = max(v for p, v in measured.items() if p[0] == 1)
-    heavy = min(v for p, v in measured.items() if p[0] == 4)
-    limit = round((light + heavy) / 2, 3)
-    assert light < limit < heavy, f"no limit separates batch 1 from batch 4: {measured}"
-    cfg = with_overrides(
-        base_cfg,
-        [
-            *base,
-            "sweep.study_name=limited",
-            f"sweep.max_memory_gb={limit}",
-            "sweep.export=true",
-            "sweep.report=true",
-        ],
-    )
-    printed = io.StringIO()
-    limited = sweep.run(cfg, out=printed)
-    return SimpleNamespace(
-        tmp=tmp,
-        cfg=cfg,
-        free=free["study"],
-        limited=limited["study"],
-        limit=limit,
-        peaks=measured,
-        printed=printed.getvalue(),
-    )
+def swept(limited_sweep):
+    """The session's two studies of LIMITED_GRID, `free` and `limited` (tests/conftest.py)."""
+    return limited_sweep
 
 
 def test_sweep_writes_the_report(swept):

@@ -23,7 +23,6 @@ from tests.conftest import (
     command_env,
     compose_config,
     isolated,
-    limit_in_a_gap,
     run_command,
     wait_until,
 )
@@ -148,24 +147,18 @@ def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in exported} == before
 
 
-def test_memory_limit_prunes_by_measurement_and_by_dominance(make_cfg):
-    free = make_cfg(*SPREAD_GRID, "sweep.study_name=free", "sweep.margin=0")
+def test_memory_limit_prunes_by_measurement_and_by_dominance(limited_sweep):
+    # The session's two studies (tests/conftest.py): `free` measured every point, `limited` ran
+    # with a limit in a gap between free's peaks, no margin.
     peaks = {
         tuple(sorted(t.params.items())): t.user_attrs["peak_memory_mb"]
-        for t in sweep.run(free)["study"].trials
+        for t in limited_sweep.free.trials
     }
-    limit_mb = limit_in_a_gap(peaks)
+    limit_mb = limited_sweep.limit * 1000
     expected_pruned = {k for k, v in peaks.items() if v > limit_mb}
     assert 0 < len(expected_pruned) < len(peaks)
 
-    limited = make_cfg(
-        *SPREAD_GRID,
-        "sweep.study_name=limited",
-        "sweep.margin=0",
-        f"sweep.max_memory_gb={limit_mb / 1000}",
-    )
-    summary = sweep.run(limited)
-    st = summary["study"]
+    st = limited_sweep.limited
     by_point = {tuple(sorted(t.params.items())): t for t in st.trials}
     pruned = {k for k, t in by_point.items() if t.state == TrialState.PRUNED}
     assert pruned == expected_pruned
@@ -183,7 +176,7 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(make_cfg):
         assert t.user_attrs["memory_pruned"] and t.user_attrs["peak_memory_mb"] >= limit_mb - 0.1
         assert re.fullmatch(r"[\d.]+ GB > [\d.]+ GB", t.user_attrs["reason"])
     feasible = [dict(k) for k in peaks if k not in expected_pruned]
-    best = summary["best"]
+    best = limited_sweep.best
     assert record.score(best.params) == max(record.score(p) for p in feasible)
 
 
