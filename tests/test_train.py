@@ -185,7 +185,7 @@ def test_killed_and_resumed_run_ends_like_a_straight_one(make_cfg, tmp_path, cap
     settings = [
         "training.max_steps=40",
         "training.save_every=5",
-        "training.batch_size=8",
+        "training.batch_size=4",
         "lora.rank=8",
         "lora.num_layers=8",
         "training.max_seq_length=64",
