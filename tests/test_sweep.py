@@ -439,6 +439,7 @@ def test_trials_in_one_worker_leave_no_residue(make_cfg, tmp_path):
     meter = footprint.meter(device.backend())
     probe = {"training.batch_size": 4, "lora.rank": 64, "lora.num_layers": 16}
     first = trial.measure(loaded, cfg, probe, limits, meter)
+    layer_call = type(loaded.model.layers[0]).__call__
     for batch, rank, layers in ((8, 128, 24), (2, 64, 32), (8, 64, 8)):
         trial.measure(
             loaded,
@@ -452,9 +453,9 @@ def test_trials_in_one_worker_leave_no_residue(make_cfg, tmp_path):
     assert again.mlx_peak_bytes == pytest.approx(first.mlx_peak_bytes, rel=0.01)
     # What the heavier trials freed went back to the system: it is not in the probe's footprint.
     assert again.peak_bytes - again.start_bytes <= 1.05 * (first.peak_bytes - first.start_bytes)
-    # Generous on time (a shared 2-core machine is noisy): checkpoint wrappers nesting across
-    # these five trials would slow the last one down step by step.
-    assert again.step_time_s < 2.0 * first.step_time_s
+    # Checkpointing wraps the layer class once: wrappers nesting across these five trials would
+    # slow every later trial down (mlx-lm's grad_checkpoint replaces __call__ each time).
+    assert type(loaded.model.layers[0]).__call__ is layer_call
     assert not any(hasattr(m, "lora_a") for _, m in loaded.model.named_modules())
 
 
