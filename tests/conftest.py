@@ -30,6 +30,10 @@ PRELOADED = "YOUR_AI_TEST_PRELOADED"  # holds LD_PRELOAD as it was before
 
 
 def pytest_configure(config):
+    if PRELOADED in os.environ and xdist_controller(config):
+        # pytest-xdist's workers start from this environment: they inherit the preloads and
+        # PRELOADED, and restore LD_PRELOAD for the commands they run themselves.
+        return
     if PRELOADED in os.environ:
         before = os.environ.pop(PRELOADED)
         if before:
@@ -48,6 +52,27 @@ def pytest_configure(config):
     sys.stdout.flush(), sys.stderr.flush()
     env = {**os.environ, **extra, PRELOADED: os.environ.get("LD_PRELOAD", "")}
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def xdist_controller(config) -> bool:
+    """This process hands the tests to pytest-xdist's workers (`-n 2`) and runs none itself."""
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(
+        config, "workerinput"
+    )
+
+
+# With pytest-xdist's `--dist loadgroup` every test that uses one of these fixtures runs in the
+# same worker: the session fixtures (finished sweeps) are computed once, and the tests that open
+# the directories above their tmp_path to the postgres user (`traversable`) never restore them
+# under each other.
+SHARED_FIXTURES = ("small_sweep", "limited_sweep", "traversable")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
 
 
 # A small grid over the tiny model: 2 x 2 x 2 points, a few steps each.

@@ -98,7 +98,11 @@ def traversable(tmp_path, tmp_path_factory):
     if os.geteuid() != 0:
         yield
         return
+    # pytest's own directory (pytest-of-<user>) and everything below it: with pytest-xdist the
+    # base temp is one level deeper (pytest-<n>/popen-gw<k>).
     top = tmp_path_factory.getbasetemp().parent
+    if top.name.startswith("pytest-") and not top.name.startswith("pytest-of-"):
+        top = top.parent
     chain = [tmp_path, *(p for p in tmp_path.parents if p.is_relative_to(top))]
     modes = {p: p.stat().st_mode for p in chain}
     for p, mode in modes.items():
