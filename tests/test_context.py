@@ -78,6 +78,12 @@ def test_mode_context_is_lengths_by_batch_at_the_configured_rank_and_layers(base
         "lora.num_layers": [4],
         LENGTH: [512, 1024, 2048, 4096, 8192],
     }
+    # Lighter first on all four axes, and a point replays as overrides, its length too.
+    points = study.light_first(record.search_space(cfg.sweep.grid))
+    for i, p in enumerate(points):
+        assert not any(all(q[k] <= p[k] for k in p) for q in points[i + 1 :]), p
+    replayed = with_overrides(base_cfg, [f"{k}={v}" for k, v in points[-1].items()])
+    assert (replayed.training.max_seq_length, replayed.training.batch_size) == (8192, 8)
     # Without the axis a study's parameters and settings are the three axes' alone.
     plain = with_overrides(base_cfg, ["mode=quick"])
     space = config.check_sweep(plain)

@@ -418,6 +418,8 @@ def lengths(study_) -> list[int]:
 def winners_by_length(study_) -> dict[int, FrozenTrial | None]:
     """length -> the best trial at that length (None where none fits), for a grid of lengths."""
     winners: dict[int, FrozenTrial | None] = dict.fromkeys(lengths(study_))
+    if not winners:
+        return winners
     for t in ranked_complete(study_):
         length = t.params[LENGTH]
         if winners.get(length) is None:
