@@ -76,7 +76,7 @@ def summarize(st, out, max_retry: int, this_run: dict) -> dict:
         objective = st.user_attrs["settings"]["objective"]
         print(f"\nbest at each sequence length (by {objective}):", file=out)
         for length, t in winners.items():
-            fits = configuration(t, length=False) if t else "none fits"
+            fits = configuration(t, with_length=False) if t else "none fits"
             print(f"  max_seq_length={length}: {fits}", file=out)
     seq = f" {'seq':>6}" if winners else ""
     print(
@@ -97,10 +97,10 @@ def summarize(st, out, max_retry: int, this_run: dict) -> dict:
     return summary
 
 
-def configuration(t, length: bool = True) -> str:
+def configuration(t, with_length: bool = True) -> str:
     """A measured trial that fits, as the summary names it: its point, footprint and speed."""
     a, p = TrialRecord.from_attrs(t.user_attrs), t.params
-    length = f"max_seq_length={p[LENGTH]}, " if length and LENGTH in p else ""
+    length = f"max_seq_length={p[LENGTH]}, " if with_length and LENGTH in p else ""
     mlx = a.mlx_peak_mb if a.mlx_peak_mb is not None else float("nan")
     return (
         f"{length}batch_size={p[AXES['batch_size']]}, rank={p[AXES['rank']]}, "

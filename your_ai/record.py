@@ -2,9 +2,9 @@
 
 A trial's parameters are the config's dotted names (`training.batch_size`, `lora.rank`,
 `lora.num_layers`, and `training.max_seq_length` when the grid has lengths), so a trial replays
-as command-line overrides. `Measurement` is what a worker
-sends back; `TrialRecord` is what the study stores as user attributes (what optuna-dashboard
-shows) and what export, report and the trainer read back.
+as command-line overrides. `Measurement` is what a worker sends back; `TrialRecord` is what the
+study stores as user attributes (what optuna-dashboard shows) and what export, report and the
+trainer read back.
 """
 
 from dataclasses import asdict, dataclass, fields
