@@ -97,11 +97,22 @@ def git_revision() -> str:
         return "unknown"
 
 
-def long_text_file(path: Path, join: int = 8) -> Path:
+def long_text_file(path: Path, join: int = 8, min_chars: int = 0) -> Path:
     """data/sample.jsonl with every `join` examples joined into one, so that batches fill the
-    sequence length (a single example is ~150 tokens) as the sweep's measurement does."""
+    sequence length (a single example is ~150 tokens) as the sweep's measurement does; with
+    `min_chars`, examples are joined (from the start again when the file runs out) until each
+    row has at least that many characters, 32 rows of them."""
     sample = [json.loads(line) for line in (ROOT / "data" / "sample.jsonl").open()]
     with path.open("w") as f:
+        if min_chars:
+            at = 0
+            for _ in range(32):
+                first, texts = sample[at % len(sample)], []
+                while sum(len(t) + 1 for t in texts) < min_chars:
+                    texts.append(sample[at % len(sample)]["text"])
+                    at += 1
+                f.write(json.dumps({**first, "text": " ".join(texts)}) + "\n")
+            return path
         for i in range(0, len(sample) - join, join):
             text = " ".join(s["text"] for s in sample[i : i + join])
             f.write(json.dumps({**sample[i], "text": text}) + "\n")

@@ -1,10 +1,12 @@
 """The footprint checked from outside: does the sweep's figure hold for the trainer, and does
 any process pass the limit?
 
-Runs the quick sweep, then the trainer with `+profile=best` for `--steps` steps on full-length
-text and on mixed-length rows. A sampler in this process reads every process of each command
-every `--interval-ms` (20 ms): the resident set on the CPU, NVML on CUDA (per process where the
-driver lists it, else the device's use above what it was before the command started). It also
+Runs the quick sweep (`mode=context` for the `*-context` presets), then the trainer with
+`+profile=best` (on a grid of lengths: the winner at the longest length where one fits) for
+`--steps` steps on full-length text and on mixed-length rows. A sampler in this process reads
+every process of each command every `--interval-ms` (20 ms): the resident set on the CPU, NVML
+on CUDA (per process where the driver lists it, else the device's use above what it was before
+the command started). It also
 measures what the worker's own footprint sampling costs a step (`--cost`).
 
     python benchmarks/footprint.py --out DIR [--preset cpu|gpu] [--steps 200] [--cost]
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import long_text_file, record, sweep_command, table  # noqa: E402
 from your_ai import footprint  # noqa: E402
+from your_ai.record import LENGTH  # noqa: E402
 
 PRESETS = {
     # The embedded tiny model: a check that the script runs (tests), not a measurement.
@@ -44,6 +47,24 @@ PRESETS = {
         "training.max_seq_length=1024",
         "training.grad_checkpoint=true",
         "sweep.max_memory_gb=28",
+    ],
+    # How long a context fits: the small model's lengths up to its 2048 positions x batch 1-8 at
+    # rank 64 on 16 layers, with checkpointing, under a limit that cuts the grid.
+    "cpu-context": [
+        "model=small",
+        "training.grad_checkpoint=true",
+        "mode=context",
+        "sweep.grid.max_seq_length=[256,512,1024,2048]",
+        "sweep.max_memory_gb=0.5",
+        "sweep.steps=10",  # steps of several seconds at 2048 tokens on a CPU
+    ],
+    # The 8B at 28 GB with checkpointing: lengths 512-8192 x batch 1-8 at rank 64 on 16 layers.
+    "gpu-context": [
+        "model=llama-3.1-8b",
+        "model.random_weights=true",
+        "training.grad_checkpoint=true",
+        "sweep.max_memory_gb=28",
+        "mode=context",
     ],
 }
 
@@ -198,6 +219,35 @@ def sampling_cost(model: list[str], params: dict, repeats: int) -> dict:
     }
 
 
+def per_length_answer(st) -> str:
+    """On a grid of lengths: the points measured and pruned, and the winner at each length."""
+    from optuna.trial import TrialState
+
+    from your_ai import study as studies
+    from your_ai.record import describe_params
+
+    winners = studies.winners_by_length(st)
+    if not winners:
+        return ""
+    trials = studies.measured_grid_trials(st)
+    dominated = sum(1 for t in trials if t.user_attrs.get("dominated_by_params"))
+    pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
+    lines = [
+        f"{len(trials)} points: {len(trials) - dominated} measured, {pruned} pruned "
+        f"({dominated} by dominance, not run); the winner at each sequence length:\n"
+    ]
+    for n, t in winners.items():
+        if t is None:
+            lines.append(f"- {n}: none fits")
+            continue
+        a, p = t.user_attrs, {k: v for k, v in t.params.items() if k != LENGTH}
+        lines.append(
+            f"- {n}: {describe_params(p)}, footprint {a['footprint_mb']:.1f} MB, "
+            f"{a['step_time_s']:.3f} s/step, {a['tokens_per_sec']:.0f} tok/s"
+        )
+    return "\n".join(lines) + "\n\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -232,8 +282,9 @@ def main() -> None:
     out = Path(args.out).resolve()
     (out / "conf" / "profile").mkdir(parents=True, exist_ok=True)
     model = PRESETS[args.preset] + args.extra.split()
+    mode = next((o.split("=", 1)[1] for o in model if o.startswith("mode=")), "quick")
     dt = args.interval_ms / 1e3
-    gpu = footprint.Gpu() if args.preset == "gpu" else None
+    gpu = footprint.Gpu() if args.preset.startswith("gpu") else None
 
     tick = time.perf_counter()
     if args.reuse:
@@ -241,7 +292,8 @@ def main() -> None:
         swept, full, mixed = saved["sweep"], saved["full"], saved["mixed"]
         tick -= saved["sweep_wall_s"]
     else:
-        sweep_argv = sweep_command(out, f"sqlite:///{out}/optuna.db", *model, "mode=quick")
+        chosen = [] if any(o.startswith("mode=") for o in model) else ["mode=quick"]
+        sweep_argv = sweep_command(out, f"sqlite:///{out}/optuna.db", *model, *chosen)
         sweep_argv.append(f"paths.profiles={out}/conf/profile")  # where +profile=best finds it
         swept = run_sampled(sweep_argv, out / "sweep.log", gpu, dt)
     sweep_wall = time.perf_counter() - tick
@@ -258,7 +310,9 @@ def main() -> None:
     best = studies.ranked_complete(st)[0]
     figure = best.user_attrs["footprint_mb"] * 1e6
     extra = args.extra.split()
-    long_file = long_text_file(out / "long.jsonl")
+    # Rows that fill the winner's length (a grid of lengths: the longest where one fits).
+    length = int(best.params.get(LENGTH, settings.get("max_seq_length", 0)))
+    long_file = long_text_file(out / "long.jsonl", min_chars=4 * length)
     if not args.reuse:
         full = train(out, "train-full", extra, long_file, args.steps, gpu, dt)
         mixed_file = mixed_length_file(out / "mixed.jsonl")
@@ -277,7 +331,7 @@ def main() -> None:
     gb = lambda b: f"{b / 1e9:.3f}"  # noqa: E731
     rows = [
         [
-            "sweep worker, whole quick sweep",
+            f"sweep worker, whole {mode} sweep",
             gb(swept["peak_bytes"]),
             "-",
             f"{best.user_attrs['mlx_peak_mb'] / 1e3:.3f} (winner)",
@@ -308,8 +362,10 @@ def main() -> None:
         f"winner {describe_params(best.params)}: sweep's figure {figure / 1e9:.3f} GB "
         f"({best.user_attrs['footprint_source']}; {figure * (1 + margin) / 1e9:.3f} GB with the "
         f"{margin:.0%} margin), MLX's counter {best.user_attrs['mlx_peak_mb'] / 1e3:.3f} GB; "
-        f"limit {limit / 1e9:.2f} GB; memory settings {settings['memory']}; quick sweep "
-        f"{sweep_wall:.0f} s; trainer {full['tokens_per_sec']:.0f} tok/s (full-length)\n\n"
+        f"limit {limit / 1e9:.2f} GB; memory settings {settings['memory']}; "
+        f"{mode} sweep {sweep_wall:.0f} s; trainer "
+        f"{full['tokens_per_sec']:.0f} tok/s (full-length, {length} tokens)\n\n"
+        + per_length_answer(st)
         + table(
             [
                 "process",

@@ -1,7 +1,10 @@
 """NVIDIA GPU: the sweep on an 8B Llama-shaped model built from its architecture (bf16, random
 weights) with MLX's CUDA build, and the training step's model-FLOPs utilisation.
 
-    python benchmarks/gpu.py --out DIR [--parts matmul,mfu,quick-ckpt,full-plain,...]
+    python benchmarks/gpu.py --out DIR [--parts matmul,mfu,quick-ckpt,full-plain,context-ckpt,...]
+
+`context-<plain|ckpt>` is `mode=context` (lengths 512-8192 x batch 1-8 at the configured rank and
+layers): its table adds the winner at each length.
 
 Whether the sweep's memory figure holds for training is benchmarks/footprint.py's question.
 """
@@ -90,7 +93,7 @@ def mfu(
 
 
 def sweep(out: Path, spec: str) -> dict:
-    """spec: <mode>-<plain|ckpt>[-nodom], e.g. quick-ckpt-nodom."""
+    """spec: <mode>-<plain|ckpt>[-nodom], e.g. quick-ckpt-nodom or context-ckpt."""
     mode, kind, *rest = spec.split("-")
     checkpoint = kind == "ckpt"
     name = f"gpu-{spec}"
@@ -115,7 +118,9 @@ def sweep(out: Path, spec: str) -> dict:
     wall = time.perf_counter() - tick
     text = log.read_text()
     summary = re.search(r"tested (\d+), passed (\d+), pruned (\d+) \((\d+) by dominance", text)
-    optimal = re.search(r"optimal: (.*)", text)
+    # "optimal: ..." or, on a grid of lengths, "optimal (at the longest length ...): ...".
+    optimal = re.search(r"^optimal(?: \([^)]*\))?: (.*)", text, flags=re.M)
+    per_length = re.findall(r"^  max_seq_length=(\d+): (.*)$", text, flags=re.M)
     return {
         "name": name,
         "wall_s": wall,
@@ -125,6 +130,7 @@ def sweep(out: Path, spec: str) -> dict:
         "pruned": summary and summary.group(3),
         "dominated": summary and summary.group(4),
         "winner": optimal.group(1) if optimal else "none fits",
+        "per_length": [{"max_seq_length": int(n), "winner": w} for n, w in per_length],
     }
 
 
@@ -169,7 +175,7 @@ def main() -> None:
         ]
         print(results["mfu"], flush=True)
     for spec in parts:
-        if spec.startswith(("quick-", "full-")):
+        if spec.startswith(("quick-", "full-", "context-")):
             results.setdefault("sweeps", []).append(sweep(out, spec))
             print(results["sweeps"][-1], flush=True)
     (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -203,6 +209,11 @@ def main() -> None:
             + table(["sweep", "wall s", "tested", "passed", "pruned", "dominated", "winner"], rows)
             + "\n"
         )
+    for r in results.get("sweeps", []):
+        if r["per_length"]:
+            body += f"\n{r['name']}, the winner at each sequence length:\n\n" + "".join(
+                f"- {row['max_seq_length']}: {row['winner']}\n" for row in r["per_length"]
+            )
     record(
         "NVIDIA GPU",
         "python benchmarks/gpu.py --parts " + args.parts,

@@ -104,12 +104,14 @@ def main() -> None:
 
     import your_ai
     from your_ai import models, preload
+    from your_ai.record import AXES
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"mode={args.mode}", *args.overrides])
     models.load(cfg.model, cfg.paths.models)  # build the tiny model once, outside any timing
     seq, margin = int(cfg.training.max_seq_length), float(cfg.sweep.margin)
-    grid = {k: list(v) for k, v in cfg.sweep.grid.items()}
+    # The three axes at one length (`training.max_seq_length`), as the exhaustive loop runs them.
+    grid = {axis: list(cfg.sweep.grid[axis]) for axis in AXES}
     common = [f"mode={args.mode}", *args.overrides]
     tmp = Path(tempfile.mkdtemp(prefix="your_ai-bench-"))
 

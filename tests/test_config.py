@@ -19,6 +19,7 @@ def test_default_is_quick_on_the_tiny_model():
         "batch_size": [2, 4, 8],
         "rank": [64, 128],
         "num_layers": [16, 24],
+        "max_seq_length": None,  # one length, training.max_seq_length: no fourth axis
     }
     assert grid_size(cfg) == 12
     assert cfg.sweep.steps == 15 and cfg.sweep.margin == 0.15

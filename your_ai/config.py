@@ -194,6 +194,7 @@ def check_sweep(cfg: DictConfig) -> dict:
     number(cfg, "sweep.step_timeout_factor", 0, above=True)
     step_settings(cfg)
     integer(cfg, "training.max_seq_length", 2)
+    sequence_lengths(cfg, space)
     accumulation = integer(cfg, "training.grad_accumulation", 1)
     uneven = [b for b in space[record.AXES["batch_size"]] if b % accumulation]
     if uneven:
@@ -206,6 +207,34 @@ def check_sweep(cfg: DictConfig) -> dict:
 
         validate(cfg.data.train_file)
     return space
+
+
+def sequence_lengths(cfg: DictConfig, space: dict) -> None:
+    """The lengths of `sweep.grid.max_seq_length`: each at least 2 tokens and no longer than the
+    model's positions, where its architecture names them (a preset; a model loaded from a path
+    is checked once the worker has read it, `positions_refused`)."""
+    lengths = space.get(record.LENGTH, [])
+    short = [n for n in lengths if n < 2]
+    if short:
+        raise UserError(f"sweep.grid.max_seq_length: {short} must be >= 2 tokens")
+    architecture = _value(cfg, "model.architecture")
+    positions = architecture.get("max_position_embeddings") if architecture else None
+    refused = positions_refused(lengths, positions, f"model {cfg.model.name}")
+    if refused:
+        raise UserError(refused)
+
+
+def positions_refused(lengths: list[int], positions: int | None, model: str) -> str | None:
+    """The error line for lengths beyond the model's `max_position_embeddings`, or None."""
+    over = [n for n in lengths if positions and n > int(positions)]
+    if not over:
+        return None
+    fit = [str(n) for n in lengths if n <= int(positions)]
+    hint = f" (for example sweep.grid.max_seq_length=[{','.join(fit)}])" if fit else ""
+    return (
+        f"sweep.grid.max_seq_length: {over} exceed the {int(positions)} positions of {model} "
+        f"(max_position_embeddings); give lengths up to {int(positions)}{hint}"
+    )
 
 
 def check_training(cfg: DictConfig) -> None:
@@ -242,8 +271,9 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "random_weights": bool(model.random_weights),
         "quantize": OmegaConf.to_container(model.quantize) if model.quantize else None,
         "dtype": str(model.dtype),
-        "grid": {axis: space[name] for axis, name in record.AXES.items()},
-        "max_seq_length": int(cfg.training.max_seq_length),
+        "grid": {axis: space[name] for axis, name in record.ALL_AXES.items() if name in space},
+        # A grid of lengths records them in "grid"; the fixed length then decides nothing.
+        **({} if record.LENGTH in space else {"max_seq_length": int(cfg.training.max_seq_length)}),
         "steps": int(sweep.steps),
         "warmup_steps": int(sweep.warmup_steps),
         "early_stop": bool(sweep.early_stop),

@@ -3,7 +3,7 @@
 from optuna.trial import TrialState
 
 from your_ai import config, study
-from your_ai.record import AXES, alpha_for, describe_params
+from your_ai.record import AXES, LENGTH, TrialRecord, alpha_for, describe_params
 
 
 def trial_line(number: int, params: dict, attrs: dict) -> str:
@@ -64,31 +64,48 @@ def summarize(st, out, max_retry: int, this_run: dict) -> dict:
             f"{points}",
             file=out,
         )
+    winners = study.winners_by_length(st)
+    if winners:
+        summary["per_length"] = winners
     if not ranked:
         print("no configuration fits within the memory limit", file=out)
         return summary
-    a, p = ranked[0].user_attrs, ranked[0].params
+    where = " (at the longest length where one fits)" if winners else ""
+    print(f"optimal{where}: {configuration(ranked[0])}", file=out)
+    if winners:
+        objective = st.user_attrs["settings"]["objective"]
+        print(f"\nbest at each sequence length (by {objective}):", file=out)
+        for length, t in winners.items():
+            fits = configuration(t, with_length=False) if t else "none fits"
+            print(f"  max_seq_length={length}: {fits}", file=out)
+    seq = f" {'seq':>6}" if winners else ""
     print(
-        f"optimal: batch_size={p[AXES['batch_size']]}, rank={p[AXES['rank']]}, "
-        f"alpha={alpha_for(p[AXES['rank']])}, layers={p[AXES['num_layers']]}, "
-        f"footprint {a['peak_memory_mb']:.0f} MB "
-        f"({a['peak_memory_gb_with_margin']:.2f} GB with margin; MLX's counter "
-        f"{a.get('mlx_peak_mb', float('nan')):.0f} MB), "
-        f"{a['step_time_s']:.2f}s/step, {a['tokens_per_sec']:.0f} tok/s",
-        file=out,
-    )
-    print(
-        f"\n{'#':>4} {'batch':>5} {'rank':>5} {'layers':>6} {'score':>7} {'footprint MB':>12} "
-        f"{'MLX MB':>7} {'s/step':>7} {'tok/s':>8}",
+        f"\n{'#':>4}{seq} {'batch':>5} {'rank':>5} {'layers':>6} {'score':>7} "
+        f"{'footprint MB':>12} {'MLX MB':>7} {'s/step':>7} {'tok/s':>8}",
         file=out,
     )
     for t in ranked[:5]:
-        a, p = t.user_attrs, t.params
+        a, p = TrialRecord.from_attrs(t.user_attrs), t.params
+        seq = f" {p[LENGTH]:>6}" if winners else ""
+        mlx = a.mlx_peak_mb if a.mlx_peak_mb is not None else float("nan")
         print(
-            f"{t.number:>4} {p[AXES['batch_size']]:>5} {p[AXES['rank']]:>5} "
-            f"{p[AXES['num_layers']]:>6} {a['score']:>7} {a['peak_memory_mb']:>12.0f} "
-            f"{a.get('mlx_peak_mb', float('nan')):>7.0f} {a['step_time_s']:>7.2f} "
-            f"{a['tokens_per_sec']:>8.0f}",
+            f"{t.number:>4}{seq} {p[AXES['batch_size']]:>5} {p[AXES['rank']]:>5} "
+            f"{p[AXES['num_layers']]:>6} {a.score:>7} {a.peak_memory_mb:>12.0f} "
+            f"{mlx:>7.0f} {a.step_time_s:>7.2f} {a.tokens_per_sec:>8.0f}",
             file=out,
         )
     return summary
+
+
+def configuration(t, with_length: bool = True) -> str:
+    """A measured trial that fits, as the summary names it: its point, footprint and speed."""
+    a, p = TrialRecord.from_attrs(t.user_attrs), t.params
+    length = f"max_seq_length={p[LENGTH]}, " if with_length and LENGTH in p else ""
+    mlx = a.mlx_peak_mb if a.mlx_peak_mb is not None else float("nan")
+    return (
+        f"{length}batch_size={p[AXES['batch_size']]}, rank={p[AXES['rank']]}, "
+        f"alpha={alpha_for(p[AXES['rank']])}, layers={p[AXES['num_layers']]}, "
+        f"footprint {a.peak_memory_mb:.0f} MB "
+        f"({a.peak_memory_gb_with_margin:.2f} GB with margin; MLX's counter {mlx:.0f} MB), "
+        f"{a.step_time_s:.2f}s/step, {a.tokens_per_sec:.0f} tok/s"
+    )

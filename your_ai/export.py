@@ -1,8 +1,10 @@
 """`python -m your_ai.export`: the study's best trial as a Hydra profile and a hardware profile.
 
 `conf/profile/best.yaml` is applied with `+profile=best`; each export is also kept as
-`conf/profile/<model>-<hardware>.yaml`. `python -m your_ai.export --list` shows them all (those
-in `paths.profiles`, which an override on the same command line moves).
+`conf/profile/<model>-<hardware>.yaml`. On a grid of sequence lengths, `best.yaml` is the winner
+at the longest length where one fits, and `best-seq<N>.yaml` the winner at each length N.
+`python -m your_ai.export --list` shows them all (those in `paths.profiles`, which an override on
+the same command line moves).
 """
 
 import json
@@ -43,7 +45,7 @@ def profile_document(st, trial, url: str) -> dict:
         "model": model,
         "training": {
             "batch_size": int(p["training.batch_size"]),
-            "max_seq_length": settings["max_seq_length"],
+            "max_seq_length": int(p.get(record.LENGTH, settings.get("max_seq_length"))),
             "grad_checkpoint": settings["grad_checkpoint"],
             "grad_accumulation": settings["grad_accumulation"],
             "compile": settings["compile"],
@@ -105,7 +107,36 @@ def write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def hardware_profile(st, trial, document: dict) -> dict:
+def length_winners(winners: dict, base: str) -> list[dict]:
+    """The winner at each length of a grid of lengths, as `hardware_profile.json` lists them."""
+    rows = []
+    for length, t in winners.items():
+        if t is None:
+            rows.append({"max_seq_length": length, "fits": False})
+            continue
+        a, p = record.TrialRecord.from_attrs(t.user_attrs), t.params
+        rank = int(p[record.AXES["rank"]])
+        rows.append(
+            {
+                "max_seq_length": length,
+                "fits": True,
+                "profile": record.profile_name(base, length),
+                "trial": t.number,
+                "batch_size": int(p[record.AXES["batch_size"]]),
+                "lora_rank": rank,
+                "lora_alpha": record.alpha_for(rank),
+                "lora_layers": int(p[record.AXES["num_layers"]]),
+                "score": a.score,
+                "peak_memory_gb": round(a.peak_memory_mb / 1e3, 4),
+                "peak_memory_gb_with_margin": a.peak_memory_gb_with_margin,
+                "tokens_per_sec": a.tokens_per_sec,
+                "step_time_s": a.step_time_s,
+            }
+        )
+    return rows
+
+
+def hardware_profile(st, trial, document: dict, per_length: list[dict] | None = None) -> dict:
     results = []
     for t in sorted(study.measured_grid_trials(st), key=lambda t: t.number):
         results.append({"trial": t.number, "state": t.state.name, **t.params, **t.user_attrs})
@@ -139,6 +170,8 @@ def hardware_profile(st, trial, document: dict) -> dict:
             **st.user_attrs.get("device", {}),
         },
         "study": st.study_name,
+        # On a grid of lengths: the winner at each one ("optimal_*" is the longest that fits).
+        **({"per_length": per_length} if per_length else {}),
         "all_results": results,
     }
 
@@ -168,12 +201,20 @@ def export(cfg: DictConfig, st, out=None) -> dict | None:
     best = profiles / f"{cfg.profile_name}.yaml"
     artifacts = Path(cfg.paths.sweeps) / st.study_name
     json_path = artifacts / "hardware_profile.json"
-    hardware = json.dumps(hardware_profile(st, trial, document), indent=2) + "\n"
-    changed = [write_if_changed(path, content) for path, content in (
-        (json_path, hardware), (named, text), (best, text)
-    )]  # fmt: skip
+    winners = study.winners_by_length(st)
+    per_length = length_winners(winners, str(cfg.profile_name))
+    hardware = json.dumps(hardware_profile(st, trial, document, per_length), indent=2) + "\n"
+    writes = [(json_path, hardware), (named, text), (best, text)]
+    for length, winner in winners.items():
+        if winner is not None:
+            path = profiles / f"{record.profile_name(str(cfg.profile_name), length)}.yaml"
+            writes.append((path, render_profile(profile_document(st, winner, url))))
+    changed = [write_if_changed(path, content) for path, content in writes]
     state = "" if any(changed) else " (unchanged)"
     print(f"profile: {best} (also {named.name}), hardware profile: {json_path}{state}", file=out)
+    if per_length:
+        written = ", ".join(f"{row['profile']}.yaml" for row in per_length if row["fits"])
+        print(f"profiles per sequence length: {written or 'none fits'}", file=out)
     return document
 
 

@@ -1,9 +1,10 @@
 """What a trial is and what it measured, without MLX or Optuna: one record at each boundary.
 
 A trial's parameters are the config's dotted names (`training.batch_size`, `lora.rank`,
-`lora.num_layers`), so a trial replays as command-line overrides. `Measurement` is what a worker
-sends back; `TrialRecord` is what the study stores as user attributes (what optuna-dashboard
-shows) and what export, report and the trainer read back.
+`lora.num_layers`, and `training.max_seq_length` when the grid has lengths), so a trial replays
+as command-line overrides. `Measurement` is what a worker sends back; `TrialRecord` is what the
+study stores as user attributes (what optuna-dashboard shows) and what export, report and the
+trainer read back.
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -13,6 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from your_ai.errors import UserError
 
 AXES = {"batch_size": "training.batch_size", "rank": "lora.rank", "num_layers": "lora.num_layers"}
+# The optional fourth axis, `sweep.grid.max_seq_length`: without it a study has one length
+# (`training.max_seq_length`) and its parameters, settings and names are the three axes' alone.
+LENGTH_AXIS = "max_seq_length"
+LENGTH = "training.max_seq_length"
+ALL_AXES = {**AXES, LENGTH_AXIS: LENGTH}
 
 
 def alpha_for(rank: int) -> int:
@@ -21,16 +27,38 @@ def alpha_for(rank: int) -> int:
 
 
 def score(params: dict) -> int:
-    """How large a configuration is: batch x rank x layers."""
+    """How large a configuration is at its sequence length: batch x rank x layers. Scores of
+    different lengths do not compare; across lengths the longer one ranks first (`ranking`)."""
     return int(params[AXES["batch_size"]] * params[AXES["rank"]] * params[AXES["num_layers"]])
 
 
+def weight(params: dict) -> int:
+    """What a point costs, for the light-first order: the score times the length where the grid
+    has lengths. It grows strictly with every axis, so a point comes after each point it
+    dominates."""
+    return score(params) * int(params.get(LENGTH, 1))
+
+
+def ranking(params: dict, value: float, tokens_per_sec: float | None) -> tuple:
+    """Best first when sorted in reverse: the longest length (on a grid of lengths), then the
+    objective, then throughput."""
+    return (int(params.get(LENGTH, 0)), value, tokens_per_sec or 0)
+
+
+def axis_names(params: dict) -> list[str]:
+    """The grid's axes a point has, as trial parameters: three, or four with the length."""
+    return [name for name in ALL_AXES.values() if name in params]
+
+
 def search_space(grid) -> dict[str, list[int]]:
-    """`sweep.grid` as trial parameters and their sorted values, checked."""
+    """`sweep.grid` as trial parameters and their sorted values, checked; the length axis only
+    where the grid gives one."""
     space = {}
-    for axis, name in AXES.items():
+    for axis, name in ALL_AXES.items():
         values = grid.get(axis) if hasattr(grid, "get") else None
         key = f"sweep.grid.{axis}"
+        if axis == LENGTH_AXIS and values is None:
+            continue  # one length: training.max_seq_length
         if values is None or isinstance(values, (str, int)) or len(values) == 0:
             raise UserError(f"{key}={values}: needs a non-empty list of positive integers")
         for value in values:
@@ -41,7 +69,12 @@ def search_space(grid) -> dict[str, list[int]]:
 
 
 def describe_params(params: dict) -> str:
-    return ", ".join(f"{axis}={params[name]}" for axis, name in AXES.items() if name in params)
+    return ", ".join(f"{axis}={params[name]}" for axis, name in ALL_AXES.items() if name in params)
+
+
+def profile_name(base: str, length: int) -> str:
+    """The profile of the winner at one sequence length: `best-seq1024` for `best`."""
+    return f"{base}-seq{int(length)}"
 
 
 def trial_config(cfg: DictConfig, params: dict) -> DictConfig:

@@ -1,8 +1,10 @@
 """`python -m your_ai.report`: see a sweep's answer as maps and interactive plots.
 
-For each LoRA layer count, a map of the footprint (the process's peak memory) and one of
-tokens/s over batch size x rank, with the memory limit, the pruned and dominated configurations
-and the winner marked; Optuna's interactive plots beside them. `+compare=all` (or
+For each LoRA layer count (and each sequence length, on a grid of lengths), a map of the
+footprint (the process's peak memory) and one of tokens/s over batch size x rank, with the memory
+limit, the pruned and dominated configurations and the winner marked; on a grid of lengths, one
+picture of the largest batch that fits at each length, per rank and layer count; Optuna's
+interactive plots beside them. Trials are read through `record.TrialRecord`. `+compare=all` (or
 `+compare=[a,b]`) puts several studies' winners side by side instead.
 """
 
@@ -31,13 +33,18 @@ PEAK = "peak_memory_gb_with_margin"
 FOOTPRINT = "footprint_gb"  # the maps' memory figure: the footprint, as the console prints it
 TOKENS = "tokens_per_sec"
 OBJECTIVES = {"score": "score (batch x rank x layers)", "tokens_per_sec": "tokens/s"}
+BATCH, RANK, LAYERS = (record.AXES[a] for a in ("batch_size", "rank", "num_layers"))
 
 
-def value(attrs: dict, metric: str) -> float | None:
+def attrs_of(t) -> record.TrialRecord:
+    return record.TrialRecord.from_attrs(t.user_attrs)
+
+
+def value(rec: record.TrialRecord, metric: str) -> float | None:
     if metric == FOOTPRINT:
-        mb = attrs.get("peak_memory_mb")
+        mb = rec.peak_memory_mb
         return None if mb is None else mb / 1e3
-    return attrs.get(metric)
+    return getattr(rec, metric)
 
 
 def gb(value: float) -> str:
@@ -56,13 +63,15 @@ def settings_of(st) -> dict:
     return settings
 
 
-def cells(st, num_layers: int) -> dict[tuple[int, int], optuna.trial.FrozenTrial]:
-    """(batch size, rank) -> the measured trial at that point of one layer count."""
-    batch, rank, layers = (record.AXES[a] for a in ("batch_size", "rank", "num_layers"))
+def cells(
+    st, num_layers: int, length: int | None = None
+) -> dict[tuple[int, int], optuna.trial.FrozenTrial]:
+    """(batch size, rank) -> the measured trial at that point of one layer count (and length)."""
     return {
-        (t.params[batch], t.params[rank]): t
+        (t.params[BATCH], t.params[RANK]): t
         for t in study.measured_grid_trials(st)
-        if t.params.get(layers) == num_layers
+        if t.params.get(LAYERS) == num_layers
+        and (length is None or t.params.get(record.LENGTH) == length)
     }
 
 
@@ -70,19 +79,17 @@ def short_params(t) -> str:
     if t is None:
         return "a pruned one"
     p = t.params
-    return (
-        f"batch {p[record.AXES['batch_size']]}, rank {p[record.AXES['rank']]},\n"
-        f"{p[record.AXES['num_layers']]} layers"
-    )
+    text = f"batch {p[BATCH]}, rank {p[RANK]},\n{p[LAYERS]} layers"
+    return f"{text}, {p[record.LENGTH]} tokens" if record.LENGTH in p else text
 
 
-def pruned_text(attrs: dict, limit_gb: float, margin: float) -> str:
-    peak = attrs.get(PEAK)
+def pruned_text(rec: record.TrialRecord, limit_gb: float, margin: float) -> str:
+    peak = rec.peak_memory_gb_with_margin
     if peak is not None and peak > limit_gb:
-        footprint = value(attrs, FOOTPRINT)
+        footprint = value(rec, FOOTPRINT)
         return f"pruned: {gb(footprint)} GB\n+{margin:.0%} = {gb(peak)} > {gb(limit_gb)} GB"
     # Out of memory, a dead or hung worker: the peak reached says less than why it stopped.
-    return "pruned\n" + textwrap.shorten(str(attrs.get("reason", "")), 40, placeholder="...")
+    return "pruned\n" + textwrap.shorten(str(rec.reason or ""), 40, placeholder="...")
 
 
 def hatched_cell(column: int, row: int, fill: str, edge: str, hatch: str) -> Rectangle:
@@ -92,11 +99,13 @@ def hatched_cell(column: int, row: int, fill: str, edge: str, hatch: str) -> Rec
     )
 
 
-def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path) -> None:
+def draw_map(
+    st, num_layers: int, metric: str, norm: Normalize, best, path: Path, length: int | None = None
+) -> None:
     settings = settings_of(st)
     grid, limit = settings["grid"], float(settings["max_memory_gb"])
     batches, ranks = sorted(grid["batch_size"]), sorted(grid["rank"])
-    by_point = cells(st, num_layers)
+    by_point = cells(st, num_layers, length)
     by_number = {t.number: t for t in study.measured_grid_trials(st)}
     memory = metric == FOOTPRINT
     margin = float(settings["margin"])
@@ -109,7 +118,7 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     values = [[float("nan")] * len(batches) for _ in ranks]
     for (b, r), t in by_point.items():
         if t.state == TrialState.COMPLETE and b in batches and r in ranks:
-            values[ranks.index(r)][batches.index(b)] = value(t.user_attrs, metric)
+            values[ranks.index(r)][batches.index(b)] = value(attrs_of(t), metric)
     image = ax.imshow(values, cmap=cmap, norm=norm, origin="lower", aspect="auto")
     best_point = None
     shown = set()  # what the legend names: only what this map shows
@@ -120,19 +129,19 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
             if t is None:
                 text = "not measured"
             elif t.state == TrialState.COMPLETE:
-                measured = value(t.user_attrs, metric)
+                measured = value(attrs_of(t), metric)
                 text = f"{gb(measured)} GB" if memory else f"{measured:,.0f} tok/s"
                 if norm(measured) > 0.6:
                     colour = "white"
-            elif t.user_attrs.get("dominated_by_params"):
+            elif attrs_of(t).dominated_by_params:
                 shown.add("dominated")
                 ax.add_patch(hatched_cell(j, i, DOMINATED_FILL, DOMINATED_EDGE, ".."))
-                dominator = by_number.get(t.user_attrs.get("dominated_by"))
+                dominator = by_number.get(attrs_of(t).dominated_by)
                 text = "dominated by\n" + short_params(dominator)
                 colour = "#404040"
             else:
                 ax.add_patch(hatched_cell(j, i, PRUNED_FILL, PRUNED_EDGE, "///"))
-                text = pruned_text(t.user_attrs, limit, margin)
+                text = pruned_text(attrs_of(t), limit, margin)
                 colour = PRUNED_EDGE
                 shown.add("pruned")
             if best is not None and t is not None and t.number == best.number:
@@ -169,8 +178,9 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     ax.set_xlabel("batch size")
     ax.set_ylabel("LoRA rank")
     what = "footprint (the process's peak memory)" if memory else "throughput"
+    at = f", {length} tokens per sequence" if length is not None else ""
     ax.set_title(
-        f"{st.study_name}: {what}, LoRA on {num_layers} layers\n"
+        f"{st.study_name}: {what}, LoRA on {num_layers} layers{at}\n"
         f"memory limit {gb(limit)} GB: a footprint of at most {gb(allowed)} GB with the "
         f"{margin:.0%} margin",
         fontsize=11,
@@ -210,7 +220,8 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
             handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8, frameon=False
         )
     metadata = {
-        "Title": f"{st.study_name} {metric} layers={num_layers}",
+        "Title": f"{st.study_name} {metric} layers={num_layers}"
+        + (f" max_seq_length={length}" if length is not None else ""),
         "Software": "your_ai.report",
     }
     if best_point is not None:
@@ -220,6 +231,103 @@ def draw_map(st, num_layers: int, metric: str, norm: Normalize, best, path: Path
     fig.savefig(path, dpi=110, metadata=metadata)
 
 
+def largest_batches(st) -> dict[tuple[int, int, int], optuna.trial.FrozenTrial]:
+    """(length, rank, layers) -> the measured trial of the largest batch that fits there."""
+    largest: dict[tuple[int, int, int], optuna.trial.FrozenTrial] = {}
+    for t in study.measured_grid_trials(st):
+        if t.state != TrialState.COMPLETE:
+            continue
+        p = t.params
+        key = (p[record.LENGTH], p[RANK], p[LAYERS])
+        if key not in largest or p[BATCH] > largest[key].params[BATCH]:
+            largest[key] = t
+    return largest
+
+
+def describe_point(t) -> str:
+    """A trial's batch size, rank and layers, without its length."""
+    return record.describe_params({k: v for k, v in t.params.items() if k != record.LENGTH})
+
+
+def draw_context(st, winners: dict, path: Path) -> Path:
+    """The answer to "how long a context can I train?" at a glance: for each sequence length
+    (columns) and each rank and layer count (rows), the largest batch that fits, with its
+    footprint; each length's winner outlined."""
+    settings = settings_of(st)
+    grid, limit = settings["grid"], float(settings["max_memory_gb"])
+    lengths = sorted(grid[record.LENGTH_AXIS])
+    rows = [(r, n) for n in sorted(grid["num_layers"]) for r in sorted(grid["rank"])]
+    largest = largest_batches(st)
+    batches = sorted(grid["batch_size"])
+    values = [[float("nan")] * len(lengths) for _ in rows]
+    fig = Figure(
+        figsize=(max(7.5, 2.6 + 1.5 * len(lengths)), max(3.5, 2.2 + 0.7 * len(rows))),
+        layout="constrained",
+    )
+    ax = fig.subplots()
+    norm = Normalize(0, max(batches))
+    for i, (rank, layers) in enumerate(rows):
+        for j, length in enumerate(lengths):
+            t = largest.get((length, rank, layers))
+            if t is None:
+                ax.add_patch(hatched_cell(j, i, PRUNED_FILL, PRUNED_EDGE, "///"))
+                box = {"facecolor": "white", "alpha": 0.75, "linewidth": 0, "pad": 1.5}
+                ax.text(j, i, "none fits", ha="center", va="center", color=PRUNED_EDGE, bbox=box)
+                continue
+            batch = t.params[BATCH]
+            values[i][j] = batch
+            text = f"batch {batch}\n{gb(value(attrs_of(t), FOOTPRINT))} GB"
+            winner = winners.get(length)
+            if winner is not None and winner.number == t.number:
+                outline = Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False, zorder=3)
+                outline.set(edgecolor=BEST_EDGE, linewidth=5)
+                ax.add_patch(outline)
+            colour = "white" if norm(batch) > 0.6 else "black"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9, zorder=4)
+    ax.imshow(values, cmap="Purples", norm=norm, origin="lower", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(rows)), [f"rank {r}, {n} layers" for r, n in rows])
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_title(
+        f"{st.study_name}: the largest batch that fits at each sequence length\n"
+        f"memory limit {gb(limit)} GB with the {float(settings['margin']):.0%} margin; "
+        "the footprint beside each batch",
+        fontsize=11,
+    )
+    chosen_by = OBJECTIVES.get(settings["objective"], settings["objective"])
+    legend = []
+    if any(t is not None for t in winners.values()):
+        label = f"best by {chosen_by} at its length"
+        legend.append(Patch(facecolor="white", edgecolor=BEST_EDGE, linewidth=3, label=label))
+    if any(v != v for row in values for v in row):
+        legend.append(
+            Patch(facecolor=PRUNED_FILL, edgecolor=PRUNED_EDGE, hatch="///", label="none fits")
+        )
+    if legend:
+        fig.legend(
+            handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8, frameon=False
+        )
+    answer = "; ".join(
+        f"max_seq_length={n}: " + ("none fits" if t is None else describe_point(t))
+        for n, t in winners.items()
+    )
+    metadata = {
+        "Title": f"{st.study_name} largest batch per sequence length",
+        "Software": "your_ai.report",
+        # The answer in the file itself, for tools that read pictures without seeing them.
+        "Answer": answer,
+        "Legend": "; ".join(entry.get_label() for entry in legend),
+        "Largest batch": "; ".join(
+            f"max_seq_length={n}, rank={r}, num_layers={layers}: "
+            + (str(largest[(n, r, layers)].params[BATCH]) if (n, r, layers) in largest else "none")
+            for n in lengths
+            for r, layers in rows
+        ),
+    }
+    fig.savefig(path, dpi=110, metadata=metadata)
+    return path
+
+
 def shared_norm(trials: list, metric: str, limit_gb: float) -> Normalize:
     """One colour scale for every layer count, so the maps of one study compare at a glance.
 
@@ -227,9 +335,9 @@ def shared_norm(trials: list, metric: str, limit_gb: float) -> Normalize:
     bar shows how close the configurations came; a far-off limit would wash every cell out.
     """
     values = [
-        value(t.user_attrs, metric)
+        value(attrs_of(t), metric)
         for t in trials
-        if value(t.user_attrs, metric) is not None
+        if value(attrs_of(t), metric) is not None
         and (t.state == TrialState.COMPLETE or metric == FOOTPRINT)
     ]
     if not values:
@@ -246,11 +354,8 @@ def interactive_plots(st, directory: Path) -> list[Path]:
     """Optuna's plots that stay valid with a handful of trials (importances need many)."""
     vis = optuna.visualization
     objective = settings_of(st)["objective"]
-    memory = {
-        "target": lambda t: t.user_attrs["peak_memory_mb"],
-        "target_name": "footprint (MB)",
-    }
-    throughput = {"target": lambda t: t.user_attrs[TOKENS], "target_name": "tokens/s"}
+    memory = {"target": lambda t: attrs_of(t).peak_memory_mb, "target_name": "footprint (MB)"}
+    throughput = {"target": lambda t: attrs_of(t).tokens_per_sec, "target_name": "tokens/s"}
     plots = {
         "history.html": lambda: vis.plot_optimization_history(st, target_name=objective),
         "timeline.html": lambda: vis.plot_timeline(st),
@@ -277,12 +382,21 @@ def write(cfg: DictConfig, st, out=sys.stdout) -> list[Path]:
     best = study.best_trial(st)
     maps = []
     allowed = float(settings["max_memory_gb"]) / (1 + float(settings["margin"]))
+    lengths = study.lengths(st)
+    winners = study.winners_by_length(st)
     for metric, stem in ((FOOTPRINT, "memory"), (TOKENS, "throughput")):
+        # One colour scale for every map of a study, every length included.
         norm = shared_norm(trials, metric, allowed)
-        for layers in sorted(settings["grid"]["num_layers"]):
-            path = directory / f"{stem}_layers_{layers}.png"
-            draw_map(st, layers, metric, norm, best, path)
-            maps.append(path)
+        for length in lengths or [None]:
+            # Each length's map marks that length's winner.
+            marked = best if length is None else winners[length]
+            seq = "" if length is None else f"seq{length}_"
+            for layers in sorted(settings["grid"]["num_layers"]):
+                path = directory / f"{stem}_{seq}layers_{layers}.png"
+                draw_map(st, layers, metric, norm, marked, path, length)
+                maps.append(path)
+    if lengths:
+        maps.append(draw_context(st, winners, directory / "context.png"))
     pages = interactive_plots(st, directory)
     print(f"report: {directory} ({len(maps)} maps, {len(pages)} interactive plots)", file=out)
     return maps + pages
@@ -298,17 +412,17 @@ def winner_row(st) -> dict:
     }
     if best is None:
         return row
-    a, p = best.user_attrs, best.params
+    a, p = attrs_of(best), best.params
     row.update(
         {
-            "batch": p[record.AXES["batch_size"]],
-            "rank": p[record.AXES["rank"]],
-            "layers": p[record.AXES["num_layers"]],
-            "score": a["score"],
-            "footprint MB": f"{a['peak_memory_mb']:.0f}",
-            "GB + margin": gb(a[PEAK]),
-            "tok/s": f"{a[TOKENS]:.0f}",
-            "s/step": f"{a['step_time_s']:.3f}",
+            "batch": p[BATCH],
+            "rank": p[RANK],
+            "layers": p[LAYERS],
+            "score": a.score,
+            "footprint MB": f"{a.peak_memory_mb:.0f}",
+            "GB + margin": gb(a.peak_memory_gb_with_margin),
+            "tok/s": f"{a.tokens_per_sec:.0f}",
+            "s/step": f"{a.step_time_s:.3f}",
         }
     )
     return row
@@ -359,7 +473,7 @@ def compare(cfg: DictConfig, studies: list, out=sys.stdout) -> list[Path]:
     for ax, (key, title) in zip(axes, metrics, strict=True):
         values, texts = [], []
         for st, best in winners:
-            value = best.user_attrs[key] if best is not None else 0
+            value = getattr(attrs_of(best), key) if best is not None else 0
             values.append(value)
             if best is None:
                 texts.append("nothing fits")

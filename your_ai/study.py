@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from your_ai.errors import UserError
-from your_ai.record import AXES, score
+from your_ai.record import ALL_AXES, LENGTH, LENGTH_AXIS, axis_names, ranking, weight
 
 # Heartbeats are used with ask/tell here (the sweep records them while a worker measures).
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -46,7 +46,7 @@ def light_first(space: dict[str, list[int]]) -> list[dict]:
     """All grid points, lighter first: each point comes after every point it dominates."""
     names = sorted(space)
     points = [dict(zip(names, values, strict=True)) for values in GridSampler(space)._all_grids]
-    return sorted(points, key=lambda p: (score(p), *(p[AXES[a]] for a in AXES)))
+    return sorted(points, key=lambda p: (weight(p), *(p[n] for n in ALL_AXES.values() if n in p)))
 
 
 class LightFirstGridSampler(GridSampler):
@@ -361,10 +361,12 @@ def recover_dead_trials(study, max_retry: int, grace_s: float) -> list[int]:
 
 
 def dominating_trial(study, params: dict) -> FrozenTrial | None:
-    """A trial pruned for memory that is no larger on any axis: this point cannot fit either."""
+    """A trial pruned for memory that is no larger on any axis (the length too, where the grid
+    has lengths): this point cannot fit either."""
+    names = axis_names(params)
     for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
         if t.user_attrs.get("memory_pruned") and not t.user_attrs.get("dominated_by"):
-            if all(t.params.get(name, 1 << 60) <= params[name] for name in AXES.values()):
+            if all(t.params.get(name, 1 << 60) <= params[name] for name in names):
                 return t
     return None
 
@@ -395,11 +397,34 @@ def best_trial(study_) -> FrozenTrial | None:
 
 
 def ranked_complete(study_) -> list[FrozenTrial]:
-    """Measured trials that fit, best first: by objective, then by throughput."""
+    """Measured trials that fit, best first: by objective, then by throughput; on a grid of
+    lengths, the longest length first (`record.ranking`), so the best is the winner at the
+    longest length where one fits."""
     complete = [t for t in measured_grid_trials(study_) if t.state == TrialState.COMPLETE]
     return sorted(
-        complete, key=lambda t: (t.value, t.user_attrs.get("tokens_per_sec", 0)), reverse=True
+        complete,
+        key=lambda t: ranking(t.params, t.value, t.user_attrs.get("tokens_per_sec")),
+        reverse=True,
     )
+
+
+def lengths(study_) -> list[int]:
+    """The sequence lengths of a grid of lengths, shortest first, as its settings record them;
+    [] for a grid of one length."""
+    grid = study_.user_attrs.get("settings", {}).get("grid", {})
+    return sorted(grid.get(LENGTH_AXIS, []))
+
+
+def winners_by_length(study_) -> dict[int, FrozenTrial | None]:
+    """length -> the best trial at that length (None where none fits), for a grid of lengths."""
+    winners: dict[int, FrozenTrial | None] = dict.fromkeys(lengths(study_))
+    if not winners:
+        return winners
+    for t in ranked_complete(study_):
+        length = t.params[LENGTH]
+        if winners.get(length) is None:
+            winners[length] = t
+    return winners
 
 
 # --- the sweep's side of a trial: its id, its grid point, its heartbeat, its result -----------

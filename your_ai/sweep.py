@@ -1,6 +1,7 @@
 """`python -m your_ai.sweep mode=quick|full`: the largest LoRA configuration that really fits.
 
-An Optuna grid study over batch size x LoRA rank x LoRA layers. Each trial runs real training
+An Optuna grid study over batch size x LoRA rank x LoRA layers (x sequence length, with
+`sweep.grid.max_seq_length` or `mode=context`). Each trial runs real training
 steps in a worker process and is pruned when its margin-adjusted footprint passes the limit;
 every configuration at least as large as a pruned one is pruned without running.
 
@@ -159,6 +160,13 @@ def run(cfg: DictConfig, out=None) -> dict:
                 f"sweep.grid.num_layers: {layers} is more than the model's "
                 f"{info['num_layers']} layers"
             )
+        # The model as loaded may come from a path whose config the preset does not describe.
+        positions = (info.get("architecture") or {}).get("max_position_embeddings")
+        refused = config.positions_refused(
+            space.get(record.LENGTH, []), positions, config.model_label(cfg)
+        )
+        if refused:
+            raise UserError(refused)
         max_gb = memory_limit_gb(cfg, info)
         name = config.study_name(cfg)
         settings = config.study_settings(cfg, space, info, max_gb)
