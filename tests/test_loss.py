@@ -129,3 +129,26 @@ def test_unknown_mode_is_refused(tiny):
     tokens, lengths, auth, entropy = batch()
     with pytest.raises(ValueError, match="distrust.mode=sum"):
         loss.loss_fn(tiny.model, tokens, lengths, auth, entropy, ALPHA, LAMBDA, "sum")
+
+
+@pytest.mark.parametrize("mode", ["weighted", "additive"])
+def test_chunked_loss_has_the_same_value_and_gradients(tiny, mode):
+    """Logits taken 5 tokens at a time (22 tokens: chunks that do not divide them), recomputed
+    in backward, give the unchunked loss and gradients at float32."""
+    tokens, lengths, auth, entropy = batch()
+
+    def objective(chunk):
+        def value(m):
+            return loss_fn(m, tokens, lengths, auth, entropy, ALPHA, LAMBDA, mode, chunk)
+
+        _, g = nn.value_and_grad(tiny.model, lambda m: value(m)[0])(tiny.model)
+        return value(tiny.model), dict(tree_flatten(g))
+
+    (whole, n, ce), whole_grads = objective(None)
+    (chunked, n_chunked, ce_chunked), chunked_grads = objective(5)
+    assert n_chunked.item() == n.item()
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert ce_chunked.item() == pytest.approx(ce.item(), rel=1e-6)
+    assert chunked_grads.keys() == whole_grads.keys() and whole_grads
+    for name, g in whole_grads.items():
+        assert np.allclose(np.array(chunked_grads[name]), np.array(g), rtol=1e-5, atol=1e-7), name

@@ -26,15 +26,62 @@ def sample_weights(term: mx.array, lambda_weight: float) -> mx.array:
     return (1.0 - lambda_weight) + lambda_weight * term / (mx.mean(term) + EPSILON)
 
 
-def token_cross_entropy(model: nn.Module, tokens: mx.array, lengths: mx.array):
-    """Per-token cross-entropy of next-token prediction and the mask of real (unpadded) tokens."""
+# Models whose logits are exactly their output head applied to `model.model(inputs)` (no
+# scaling or soft-capping after it): the loss can then apply the head itself, chunk by chunk.
+HEAD_SPLIT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def output_head(model: nn.Module):
+    """The model's body and output head, or None where its logits are not head(body(x))."""
+    if getattr(model, "model_type", None) not in HEAD_SPLIT_MODEL_TYPES:
+        return None
+    if model.args.tie_word_embeddings:
+        return model.model, model.model.embed_tokens.as_linear
+    return model.model, model.lm_head
+
+
+def chunked_cross_entropy(head, hidden: mx.array, targets: mx.array, chunk: int) -> mx.array:
+    """Per-token cross-entropy of head(hidden), `chunk` tokens' logits at a time.
+
+    Each chunk's logits are recomputed in the backward pass (mx.checkpoint) instead of being
+    kept, so at most one chunk's logits and their gradient are alive at once: for a vocabulary
+    of 128,256 the whole batch's are gigabytes, a chunk's a fraction of that. The arithmetic per
+    token is the unchunked one's, so values and gradients are the same.
+    """
+    batch, length, width = hidden.shape
+    flat_hidden = hidden.reshape(batch * length, width)
+    flat_targets = targets.reshape(batch * length)
+
+    def piece(start: int) -> mx.array:
+        # The targets are closed over: mx.checkpoint differentiates every argument it is given.
+        targets_i = flat_targets[start : start + chunk]
+        recomputed = mx.checkpoint(
+            lambda h: nn.losses.cross_entropy(head(h), targets_i).astype(mx.float32)
+        )
+        return recomputed(flat_hidden[start : start + chunk])
+
+    parts = [piece(start) for start in range(0, batch * length, chunk)]
+    ce = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+    return ce.reshape(batch, length)
+
+
+def token_cross_entropy(
+    model: nn.Module, tokens: mx.array, lengths: mx.array, chunk: int | None = None
+):
+    """Per-token cross-entropy of next-token prediction and the mask of real (unpadded) tokens.
+
+    With `chunk`, the logits are computed `chunk` tokens at a time (chunked_cross_entropy)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs)
+    split = output_head(model) if chunk else None
+    if split is not None:
+        body, head = split
+        ce = chunked_cross_entropy(head, body(inputs), targets, chunk)
+    else:
+        ce = nn.losses.cross_entropy(model(inputs), targets).astype(mx.float32)
     positions = mx.arange(targets.shape[1])[None, :]
     # A float mask: integer counts as outputs of a compiled value_and_grad fail in MLX 0.32.
     mask = (positions < (lengths[:, None] - 1)).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32) * mask
-    return ce, mask
+    return ce * mask, mask
 
 
 def loss_fn(
@@ -46,9 +93,10 @@ def loss_fn(
     alpha: float,
     lambda_weight: float,
     mode: str,
+    chunk: int | None = None,
 ):
-    """Returns (loss, ntoks, mean cross-entropy)."""
-    ce, mask = token_cross_entropy(model, tokens, lengths)
+    """Returns (loss, ntoks, mean cross-entropy); `chunk`: see token_cross_entropy."""
+    ce, mask = token_cross_entropy(model, tokens, lengths, chunk)
     ntoks = mask.sum()
     term = distrust_term(auth_weight, prov_entropy, alpha)
     plain_ce = ce.sum() / ntoks

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from your_ai import attention, device, record
 from your_ai.config import LORA_COMPUTE_DTYPES
 from your_ai.errors import UserError
-from your_ai.loss import distrust_term, loss_fn
+from your_ai.loss import distrust_term, loss_fn, output_head
 
 _CHECKPOINT_PATCHED: set[type] = set()
 
@@ -221,11 +221,18 @@ def make_step(
     (tokens, lengths, auth_weight, prov_entropy) tuples of mx arrays.
     """
     distrust = cfg.distrust
+    chunk = cfg.training.get("loss_chunk_tokens")
+    if chunk and output_head(model) is None:
+        raise UserError(
+            f"training.loss_chunk_tokens={chunk}: the loss cannot take this model's logits in "
+            f"chunks (model type {getattr(model, 'model_type', '?')}); set it to null"
+        )
     loss = partial(
         loss_fn,
         alpha=float(distrust.alpha),
         lambda_weight=float(distrust.lambda_weight),
         mode=str(distrust.mode),
+        chunk=int(chunk) if chunk else None,
     )
     loss_and_grad = nn.value_and_grad(model, loss)
     clip = float(cfg.training.grad_clip)
