@@ -43,25 +43,47 @@ def output_head(model: nn.Module):
 def chunked_cross_entropy(head, hidden: mx.array, targets: mx.array, chunk: int) -> mx.array:
     """Per-token cross-entropy of head(hidden), `chunk` tokens' logits at a time.
 
-    Each chunk's logits are recomputed in the backward pass (mx.checkpoint) instead of being
-    kept, so at most one chunk's logits and their gradient are alive at once: for a vocabulary
-    of 128,256 the whole batch's are gigabytes, a chunk's a fraction of that. The arithmetic per
-    token is the unchunked one's, so values and gradients are the same.
+    The backward pass recomputes each chunk's logits instead of keeping them, and each chunk
+    waits for the previous one (mx.depends: MLX would otherwise run several chunks at once), so
+    at most one chunk's logits and their gradient are alive: for a vocabulary of 128,256 the
+    whole batch's are gigabytes, a chunk's a fraction of that. The arithmetic per token is the
+    unchunked one's, so values and gradients are the same.
     """
     batch, length, width = hidden.shape
-    flat_hidden = hidden.reshape(batch * length, width)
     flat_targets = targets.reshape(batch * length)
+    starts = range(0, batch * length, chunk)
 
-    def piece(start: int) -> mx.array:
-        # The targets are closed over: mx.checkpoint differentiates every argument it is given.
-        targets_i = flat_targets[start : start + chunk]
-        recomputed = mx.checkpoint(
-            lambda h: nn.losses.cross_entropy(head(h), targets_i).astype(mx.float32)
+    def piece(h: mx.array, start: int) -> mx.array:
+        logits = head(h)
+        return nn.losses.cross_entropy(logits, flat_targets[start : start + chunk]).astype(
+            mx.float32
         )
-        return recomputed(flat_hidden[start : start + chunk])
 
-    parts = [piece(start) for start in range(0, batch * length, chunk)]
-    ce = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+    @mx.custom_function
+    def cross_entropy(flat_hidden):
+        parts, previous = [], None
+        for start in starts:
+            h = flat_hidden[start : start + chunk]
+            parts.append(piece(h if previous is None else mx.depends(h, previous), start))
+            previous = parts[-1]
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    @cross_entropy.vjp
+    def cross_entropy_vjp(primals, cotangent, output):
+        flat_hidden = primals  # a function of one array gets that array, not a tuple
+        grads, previous = [], None
+        for start in starts:
+            h = flat_hidden[start : start + chunk]
+            if previous is not None:
+                h = mx.depends(h, previous)
+            _, (grad,) = mx.vjp(
+                lambda x, start=start: piece(x, start), [h], [cotangent[start : start + chunk]]
+            )
+            grads.append(grad)
+            previous = grad
+        return mx.concatenate(grads) if len(grads) > 1 else grads[0]
+
+    ce = cross_entropy(hidden.reshape(batch * length, width))
     return ce.reshape(batch, length)
 
 
