@@ -98,6 +98,7 @@ def kept_for_backward(loaded, cfg, params: dict) -> dict:
             step.lora_parameters(run_cfg.lora),
             bool(run_cfg.training.grad_checkpoint),
             str(run_cfg.lora.compute_dtype),
+            str(run_cfg.training.quantized_matmul),
         )
         optimizer = step.make_optimizer(run_cfg.training, 10)
         step.make_step(model, optimizer, run_cfg)  # creates AdamW's state, as a trial does
