@@ -71,6 +71,9 @@ CONFIGS: dict[str, dict] = {
         "checkpoint": True,
         "overrides": ["model.quantize={bits:4,group_size:64}", "lora.quantized_base=dequantize"],
     },
+    # Where our step's memory goes (benchmarks/memory_parts.py), the loss chunked at 1024 too.
+    "memory-ckpt": {"side": "memory", "checkpoint": True},
+    "memory-plain": {"side": "memory", "checkpoint": False},
     "torch-eager-ckpt": {"side": "torch", "checkpoint": True, "compile": False},
     "torch-eager-plain": {"side": "torch", "checkpoint": False, "compile": False},
     "torch-compile-ckpt": {"side": "torch", "checkpoint": True, "compile": True},
@@ -315,6 +318,15 @@ def child(name: str, spec: dict) -> dict:
         return {"tflops": matmul_torch(spec["matmul_size"])}
     if side == "torch":
         return torch_step(spec)
+    if side == "memory":
+        from benchmarks.memory_parts import breakdown
+
+        params = [
+            f"training.batch_size={spec['batch']}",
+            f"lora.rank={spec['rank']}",
+            f"lora.num_layers={spec['lora_layers']}",
+        ]
+        return {"memory": breakdown([*our_overrides(spec), *params], 1024)}
     return our_step(spec)
 
 
@@ -376,7 +388,7 @@ def summarise(results: dict, spec: dict) -> str:
     best = max(rates.values(), default=None)
     rows = []
     for name, r in results.items():
-        if "tflops" in r or name not in CONFIGS:
+        if "tflops" in r or "memory" in r or CONFIGS[name]["side"] == "memory":
             continue
         if "error" in r:
             rows.append([name, r["error"], *["-"] * 7])
@@ -442,6 +454,13 @@ def summarise(results: dict, spec: dict) -> str:
                 f"(target <= 1.5x), footprint {gb(q4['outside_peak_bytes'])} GB, weights "
                 f"{gb(q4['weight_bytes'])} GB"
             )
+    for name, r in results.items():
+        if "memory" in r:
+            from benchmarks.memory_parts import describe
+
+            text += f"\n\n{name}: where our step's memory goes\n\n{describe(r['memory'])}"
+        elif CONFIGS[name]["side"] == "memory":
+            text += f"\n\n{name}: {r.get('error')}\n"
     return text + "\n"
 
 
@@ -467,6 +486,9 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.alpha != 2 * args.rank:
+        # Our trial takes alpha from the rank (your_ai/record.py), as the sweep measures it.
+        parser.error(f"--alpha {args.alpha}: ours uses alpha = 2 x rank ({2 * args.rank})")
     if args.child:
         print(RESULT + json.dumps(child(args.child, json.loads(args.spec))), flush=True)
         return

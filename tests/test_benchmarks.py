@@ -71,7 +71,7 @@ RUNS = {
         "--out",
         str(tmp / "peer"),
         "--parts",
-        "ours-chunked-plain",
+        "ours-chunked-plain,memory-plain",
         "--dtype",
         "float32",
         *("--arch", "hidden_size=32", "intermediate_size=64", "num_hidden_layers=4"),
@@ -248,6 +248,11 @@ def test_peer_torch_ours(runs):
         if line.startswith("| ours")
     }
     assert list(rows) == ["ours-chunked-plain"]
+    # Where the memory goes: every part, computed from the runs with the head off and on.
+    assert "memory-plain: where our step's memory goes" in text
+    for part in ("| weights", "| activations kept for backward", "| logits and the loss"):
+        assert part in text
+    assert "| loss_chunk_tokens=1024" in text
     for name, (step_s, tokens_per_s, *_rest) in rows.items():
         # 2 x 32 tokens a step; the footprint sampled from outside is a real figure.
         assert float(tokens_per_s) == pytest.approx(64 / float(step_s), rel=0.01), name
