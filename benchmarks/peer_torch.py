@@ -69,7 +69,10 @@ CONFIGS: dict[str, dict] = {
     "ours-q4-dequant-ckpt": {
         "side": "ours",
         "checkpoint": True,
-        "overrides": ["model.quantize={bits:4,group_size:64}", "lora.quantized_base=dequantize"],
+        "overrides": [
+            "model.quantize={bits:4,group_size:64}",
+            "training.quantized_matmul=dequantize",
+        ],
     },
     # Where our step's memory goes (benchmarks/memory_parts.py), the loss chunked at 1024 too.
     "memory-ckpt": {"side": "memory", "checkpoint": True},
@@ -333,7 +336,7 @@ def child(name: str, spec: dict) -> dict:
 # --- this process --------------------------------------------------------------------------------
 
 
-def run_child(name: str, spec: dict, args, out: Path, gpu) -> dict:
+def run_child(name: str, spec: dict, args, out: Path, gpu, timeout: float) -> dict:
     """One configuration in a fresh process, sampled from outside; its result or its error."""
     from benchmarks.footprint import OutsideSampler
 
@@ -354,7 +357,7 @@ def run_child(name: str, spec: dict, args, out: Path, gpu) -> dict:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
         sampler = OutsideSampler(proc.pid, gpu, idle, args.interval_ms / 1e3)
         try:
-            rc = proc.wait(timeout=args.child_timeout)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
@@ -363,7 +366,8 @@ def run_child(name: str, spec: dict, args, out: Path, gpu) -> dict:
     lines = [line for line in log.read_text().splitlines() if line.startswith(RESULT)]
     if rc != 0 or not lines:
         tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-        return {"name": name, "error": f"exit {rc}: {tail[0][:300]}", "wall_s": wall}
+        reason = f"killed after {timeout:.0f} s" if wall >= timeout else f"exit {rc}"
+        return {"name": name, "error": f"{reason}: {tail[0][:300]}", "wall_s": wall}
     return {
         "name": name,
         **CONFIGS[name],
@@ -482,6 +486,7 @@ def main() -> None:
                         "torch, transformers and peft")  # fmt: skip
     parser.add_argument("--interval-ms", type=float, default=10.0, help="outside sampling")
     parser.add_argument("--child-timeout", type=float, default=480.0, help="seconds per process")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="seconds for all of them")
     parser.add_argument("--output", help="append the table here (default: DIR/BENCHMARKS-peer.md)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -525,9 +530,15 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - no NVML: the CPU, sampled through the resident set
         gpu = None
     results: dict = {}
+    started = time.perf_counter()
     for name in parts:
+        # Within --budget-s, so the table is always written, with what did not fit marked.
+        left = args.budget_s - (time.perf_counter() - started)
+        if left < 30:
+            results[name] = {"name": name, "error": "not run: out of --budget-s"}
+            continue
         spec_i = {**spec, **CONFIGS[name]}
-        results[name] = run_child(name, spec_i, args, out, gpu)
+        results[name] = run_child(name, spec_i, args, out, gpu, min(args.child_timeout, left))
         shown = {k: v for k, v in results[name].items() if k not in ("side", "overrides")}
         print(json.dumps(shown, default=str), flush=True)
         # After each configuration, so a run cut short keeps what it measured.
