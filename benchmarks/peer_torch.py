@@ -82,10 +82,11 @@ CONFIGS: dict[str, dict] = {
     "torch-compile-ckpt": {"side": "torch", "checkpoint": True, "compile": True},
     "torch-compile-plain": {"side": "torch", "checkpoint": False, "compile": True},
 }
-# The table and targets first, so a run cut short by its time limit still has them.
+# The comparison and the targets first, so a run cut short by --budget-s still has them.
 DEFAULT_PARTS = (
     "matmul-mlx,matmul-torch,ours-ckpt,torch-compile-ckpt,ours-plain,torch-compile-plain,"
-    "torch-eager-ckpt,torch-eager-plain,ours-q4-ckpt,ours-q4-dequant-ckpt"
+    "ours-q4-ckpt,ours-q4-dequant-ckpt,torch-eager-ckpt,torch-eager-plain,ours-chunked-plain,"
+    "memory-plain"
 )
 
 LORA_KEYS = ["q_proj", "k_proj", "v_proj", "o_proj"]
