@@ -12,7 +12,14 @@ measured through both frameworks in their own processes, and MFU is over the bet
 
     python benchmarks/peer_torch.py --out DIR [--parts ours-ckpt,torch-compile-ckpt,...]
         [--arch hidden_size=64 ...] [--batch 4 --seq 1024 --rank 128 --lora-layers 24]
-        [--torch-python PYTHON] [--output FILE]
+        [--budget-s 540] [--torch-python PYTHON] [--output FILE]
+
+Parts (CONFIGS below): matmul-{mlx,torch}; ours-{ckpt,plain}; ours-chunked-{ckpt,plain}
+(training.loss_chunk_tokens=1024); ours-input-{ckpt,plain} (lora.compute_dtype=input);
+ours-q4-ckpt and ours-q4-dequant-ckpt (4-bit base, MLX's quantized matmul or
+training.quantized_matmul=dequantize); torch-{eager,compile}-{ckpt,plain}; memory-{ckpt,plain}
+(benchmarks/memory_parts.py). Results go to DIR/peer_torch.json after each part, the table to
+DIR/BENCHMARKS-peer.md; a part that fails or does not fit in --budget-s is a row saying so.
 
 The default shape is the 8B Llama 3.1 architecture (conf/model/llama-3.1-8b.yaml) in bf16;
 `--arch` overrides any of its keys, so the script runs on a CPU at a tiny shape. PyTorch,
