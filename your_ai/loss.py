@@ -45,9 +45,11 @@ def chunked_cross_entropy(head, hidden: mx.array, targets: mx.array, chunk: int)
 
     The backward pass recomputes each chunk's logits instead of keeping them, and each chunk
     waits for the previous one (mx.depends: MLX would otherwise run several chunks at once), so
-    at most one chunk's logits and their gradient are alive: for a vocabulary of 128,256 the
-    whole batch's are gigabytes, a chunk's a fraction of that. The arithmetic per token is the
-    unchunked one's, so values and gradients are the same.
+    the computation needs one chunk's logits and their gradient at a time: for a vocabulary of
+    128,256 the whole batch's are gigabytes, a chunk's a fraction of that. MLX allocates an
+    output when it queues the operation, so buffers of the next chunks may exist before the
+    earlier ones are freed: the saving is measured, not assumed (benchmarks/memory_parts.py).
+    The arithmetic per token is the unchunked one's, so values and gradients are the same.
     """
     batch, length, width = hidden.shape
     flat_targets = targets.reshape(batch * length)
