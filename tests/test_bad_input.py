@@ -55,6 +55,14 @@ def digest(path) -> str:
             "error: lora.compute_dtype=half is not one of float32, input",
         ),
         (
+            ["training.loss_chunk_tokens=0"],
+            "error: training.loss_chunk_tokens=0 must be >= 1",
+        ),
+        (
+            ["training.quantized_matmul=int4"],
+            "error: training.quantized_matmul=int4 is not one of native, dequantize",
+        ),
+        (
             ["cuda_ops_per_buffer=0"],
             "error: cuda_ops_per_buffer=0 must be a positive integer or null",
         ),

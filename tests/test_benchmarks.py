@@ -65,6 +65,20 @@ RUNS = {
         "--extra",
         " ".join(TINY[:-1]),
     ],
+    # Our side of the PyTorch comparison at a tiny shape (the PyTorch side needs torch).
+    "test_peer_torch_ours": lambda tmp: [
+        "peer_torch.py",
+        "--out",
+        str(tmp / "peer"),
+        "--parts",
+        "ours-chunked-plain,memory-plain",
+        "--dtype",
+        "float32",
+        *("--arch", "hidden_size=32", "intermediate_size=64", "num_hidden_layers=4"),
+        *("num_attention_heads=4", "num_key_value_heads=2", "vocab_size=4096"),
+        *("--batch", "2", "--seq", "32", "--rank", "4", "--alpha", "8", "--lora-layers", "2"),
+        *("--steps", "2", "--warmup", "1"),
+    ],
     "test_step_speed": lambda tmp: [
         "step_speed.py",
         "--steps",
@@ -223,3 +237,23 @@ def test_gpu_script_runs_on_the_cpu(runs):
         runs.result("test_gpu_script_runs_on_the_cpu") / "gpu" / "BENCHMARKS-gpu.md"
     ).read_text()
     assert "gpu-quick-plain" in text and "gpu-quick-ckpt-nodom" in text
+
+
+@pytest.mark.slow
+def test_peer_torch_ours(runs):
+    text = bench(runs, "test_peer_torch_ours")
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in text.splitlines()
+        if line.startswith("| ours")
+    }
+    assert list(rows) == ["ours-chunked-plain"]
+    # Where the memory goes: every part, computed from the runs with the head off and on.
+    assert "memory-plain: where our step's memory goes" in text
+    for part in ("| weights", "| activations kept for backward", "| logits and the loss"):
+        assert part in text
+    assert "| loss_chunk_tokens=1024" in text
+    for name, (step_s, tokens_per_s, *_rest) in rows.items():
+        # 2 x 32 tokens a step; the footprint sampled from outside is a real figure.
+        assert float(tokens_per_s) == pytest.approx(64 / float(step_s), rel=0.01), name
+        assert float(_rest[2]) > 0, name

@@ -131,6 +131,8 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
             "training.compile=false",
             "lora.compute_dtype=input",
             "memory.cache_limit_gb=0.5",
+            "training.loss_chunk_tokens=64",
+            "training.quantized_matmul=dequantize",
         ]
     )
     space = record.search_space(swept.sweep.grid)
@@ -161,6 +163,8 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
     assert applied.training.grad_accumulation == 2
     assert applied.training.compile is False
     assert applied.lora.compute_dtype == "input"
+    assert applied.training.loss_chunk_tokens == 64
+    assert applied.training.quantized_matmul == "dequantize"
     # MLX's cache limit the footprint was measured with is applied too (the default is auto).
     assert applied.memory.cache_limit_gb == 0.5 and applied.memory.wired_limit_gb is None
     assert (applied.training.batch_size, applied.lora.rank, applied.lora.num_layers) == (4, 64, 16)

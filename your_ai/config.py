@@ -16,6 +16,9 @@ OBJECTIVES = ("score", "tokens_per_sec")
 # distrust.mode, as loss.py defines them.
 DISTRUST_MODES = ("additive", "weighted")
 
+# training.quantized_matmul: how the trained layers multiply by a quantized base's weights.
+QUANTIZED_MATMULS = ("native", "dequantize")
+
 # lora.compute_dtype: "float32" promotes the LoRA matmuls as mlx-lm does, "input" keeps the
 # activations' dtype.
 LORA_COMPUTE_DTYPES = ("float32", "input")
@@ -123,6 +126,9 @@ def step_settings(cfg: DictConfig) -> None:
         raise UserError(f"distrust.lambda_weight={cfg.distrust.lambda_weight} is outside [0, 1]")
     one_of(cfg, "distrust.mode", DISTRUST_MODES)
     one_of(cfg, "lora.compute_dtype", LORA_COMPUTE_DTYPES)
+    one_of(cfg, "training.quantized_matmul", QUANTIZED_MATMULS)
+    if _value(cfg, "training.loss_chunk_tokens") is not None:
+        integer(cfg, "training.loss_chunk_tokens", 1)
     one_of(cfg, "blas", preload.SETTINGS)
     one_of(cfg, "allocator", preload.SETTINGS)
     memory_limits(cfg)
@@ -296,6 +302,17 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         # draws a mask in every LoRA layer (more memory); random weights have no path to tell
         # one architecture from another.
         **({"lora_dropout": float(cfg.lora.dropout)} if cfg.lora.dropout else {}),
+        # Likewise the loss's chunking and the quantized base's matmul, where they are not off.
+        **(
+            {"loss_chunk_tokens": int(cfg.training.loss_chunk_tokens)}
+            if cfg.training.loss_chunk_tokens
+            else {}
+        ),
+        **(
+            {"quantized_matmul": str(cfg.training.quantized_matmul)}
+            if cfg.training.quantized_matmul != "native"
+            else {}
+        ),
         **({"architecture": info.get("architecture")} if model.random_weights else {}),
     }
 

@@ -49,6 +49,8 @@ def profile_document(st, trial, url: str) -> dict:
             "grad_checkpoint": settings["grad_checkpoint"],
             "grad_accumulation": settings["grad_accumulation"],
             "compile": settings["compile"],
+            "loss_chunk_tokens": settings.get("loss_chunk_tokens"),
+            "quantized_matmul": settings.get("quantized_matmul", "native"),
         },
         # MLX's cache and wired limits the footprint was measured with: training applies them.
         "memory": settings["memory"],

@@ -14,10 +14,10 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
 from omegaconf import DictConfig
 
-from your_ai import attention, device, record
-from your_ai.config import LORA_COMPUTE_DTYPES
+from your_ai import attention, device, quantized, record
+from your_ai.config import LORA_COMPUTE_DTYPES, QUANTIZED_MATMULS
 from your_ai.errors import UserError
-from your_ai.loss import distrust_term, loss_fn
+from your_ai.loss import distrust_term, loss_fn, output_head
 
 _CHECKPOINT_PATCHED: set[type] = set()
 
@@ -130,20 +130,28 @@ def apply_lora(
     params: dict,
     grad_checkpoint: bool,
     compute_dtype: str = "float32",
+    quantized_matmul: str = "native",
 ) -> int:
     """LoRA on the last `num_layers` layers; returns the number of trainable parameters.
 
-    compute_dtype "input" runs the LoRA matmuls in the activations' dtype (CastLoRALinear).
+    compute_dtype "input" runs the LoRA matmuls in the activations' dtype (CastLoRALinear);
+    quantized_matmul "dequantize" multiplies by a quantized base's weights dequantized per use
+    in the layers the backward pass runs through (your_ai/quantized.py).
     """
     if compute_dtype not in LORA_COMPUTE_DTYPES:
         choices = ", ".join(LORA_COMPUTE_DTYPES)
         raise UserError(f"lora.compute_dtype={compute_dtype} is not one of {choices}")
+    if quantized_matmul not in QUANTIZED_MATMULS:
+        choices = ", ".join(QUANTIZED_MATMULS)
+        raise UserError(f"training.quantized_matmul={quantized_matmul} is not one of {choices}")
     total = len(model.layers)
     if not 0 < num_layers <= total:
         raise UserError(f"lora.num_layers={num_layers} is outside 1..{total} (the model's layers)")
     linear_to_lora_layers(model, num_layers, params)
     if compute_dtype == "input":
         _cast_lora_layers(model)
+    if quantized_matmul == "dequantize":
+        quantized.use_dequantized(model, num_layers)
     attention.use_for_training(model, device.backend())
     converted = sum(
         1 for layer in model.layers for _, m in layer.named_modules() if hasattr(m, "lora_a")
@@ -161,6 +169,7 @@ def apply_lora(
 
 def remove_lora(model: nn.Module) -> None:
     remove_lora_layers(model)
+    quantized.restore(model)
     for layer in model.layers:
         layer._checkpoint = False
     model.freeze()
@@ -221,11 +230,18 @@ def make_step(
     (tokens, lengths, auth_weight, prov_entropy) tuples of mx arrays.
     """
     distrust = cfg.distrust
+    chunk = cfg.training.get("loss_chunk_tokens")
+    if chunk and output_head(model) is None:
+        raise UserError(
+            f"training.loss_chunk_tokens={chunk}: the loss cannot take this model's logits in "
+            f"chunks (model type {getattr(model, 'model_type', '?')}); set it to null"
+        )
     loss = partial(
         loss_fn,
         alpha=float(distrust.alpha),
         lambda_weight=float(distrust.lambda_weight),
         mode=str(distrust.mode),
+        chunk=int(chunk) if chunk else None,
     )
     loss_and_grad = nn.value_and_grad(model, loss)
     clip = float(cfg.training.grad_clip)

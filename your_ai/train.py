@@ -126,6 +126,7 @@ def run(cfg: DictConfig, out=None) -> dict:
         lora_params,
         bool(training.grad_checkpoint),
         str(cfg.lora.compute_dtype),
+        str(cfg.training.quantized_matmul),
     )
     max_steps = int(training.max_steps)
     optimizer = step.make_optimizer(training, max_steps)

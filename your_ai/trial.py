@@ -95,6 +95,7 @@ def measure(
             step.lora_parameters(run_cfg.lora),
             bool(run_cfg.training.grad_checkpoint),
             str(run_cfg.lora.compute_dtype),
+            str(run_cfg.training.quantized_matmul),
         )
         optimizer = step.make_optimizer(run_cfg.training, int(sweep.steps))
         train_step = step.make_step(model, optimizer, run_cfg)

@@ -1,0 +1,101 @@
+"""training.quantized_matmul=dequantize against MLX's quantized matmul on a 4-bit base."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from your_ai import data, loss, models, quantized, step
+
+
+def layer_classes(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, module in model.named_modules():
+        name = type(module).__name__
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_dequantized_base_trains_like_the_quantized_one(make_cfg):
+    """The 4-bit tiny model at float32 with LoRA on 3 layers and checkpointing: the loss and
+    every LoRA gradient of the dequantizing path match the quantized matmul's, and the model
+    gets its quantized layers back afterwards."""
+    cfg = make_cfg("model=tiny-q4", "training.max_seq_length=24")
+    loaded = models.load(cfg.model, cfg.paths.models)
+    model = loaded.model
+    before = layer_classes(model)
+    batch = step.to_mx(data.synthetic_batch(256, 2, 24, 0))
+    results = {}
+    for setting in ("native", "dequantize"):
+        mx.random.seed(0)
+        step.apply_lora(model, 3, step.lora_parameters(cfg.lora, 4), True, "float32", setting)
+        switched = layer_classes(model).get("DequantizedLinear", 0)
+        # q, k, v, o (inside their LoRA wrappers) and the MLP's three, in 3 layers, and the head.
+        assert switched == (3 * 7 + 1 if setting == "dequantize" else 0)
+        for _, module in model.named_modules():
+            if hasattr(module, "lora_b"):
+                module.lora_b = mx.random.normal(module.lora_b.shape) * 0.02
+
+        def objective(m):
+            return loss.loss_fn(m, *batch, alpha=2.7, lambda_weight=0.6, mode="weighted")[0]
+
+        value, grads = nn.value_and_grad(model, objective)(model)
+        results[setting] = value.item(), dict(tree_flatten(grads))
+        step.remove_lora(model)
+        assert layer_classes(model) == before
+    (native, native_grads), (dequantized, dequantized_grads) = results.values()
+    assert dequantized == pytest.approx(native, rel=1e-5)
+    assert dequantized_grads.keys() == native_grads.keys() and native_grads
+    for name, g in native_grads.items():
+        g, d = np.array(g), np.array(dequantized_grads[name])
+        assert np.abs(d - g).max() <= 1e-4 * np.abs(g).max(), name
+
+
+def test_dequantized_linear_keeps_no_dequantized_weight_for_backward():
+    """Once a product's value is evaluated and its gradient is still pending, a plain matmul by
+    the dequantized weight holds that float32 weight for the backward pass; DequantizedLinear
+    holds only the 4-bit one and dequantizes again in backward."""
+    mx.random.seed(0)
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(512, 1024, bias=False), 64, 4)
+    x = mx.random.normal((8, 512))
+    mx.eval(layer.parameters(), x)
+    weight_bytes = 512 * 1024 * 4
+
+    def held_for_backward(product) -> int:
+        base = mx.get_active_memory()
+        value, vjp = mx.vjp(lambda x: product(x).sum(), [x], [mx.array(1.0)])
+        mx.eval(value)
+        held = mx.get_active_memory() - base
+        mx.eval(vjp)
+        return held
+
+    def plain(x):
+        w = mx.dequantize(layer["weight"], layer["scales"], layer["biases"], 64, 4)
+        return x @ w.T
+
+    assert held_for_backward(plain) >= weight_bytes
+    layer.__class__ = quantized.DequantizedLinear
+    assert held_for_backward(layer) < weight_bytes / 4
+
+
+def test_compiled_step_on_a_dequantized_base(make_cfg):
+    """The trainer's compiled step with training.quantized_matmul=dequantize: the same losses
+    over three optimizer steps as with MLX's quantized matmul (the later ones follow from the
+    gradients of the earlier)."""
+    losses = {}
+    for setting in ("native", "dequantize"):
+        cfg = make_cfg(
+            "model=tiny-q4", "training.max_seq_length=24", f"training.quantized_matmul={setting}"
+        )
+        loaded = models.load(cfg.model, cfg.paths.models)
+        mx.random.seed(0)
+        step.apply_lora(
+            loaded.model, 2, step.lora_parameters(cfg.lora, 4), False, "float32", setting
+        )
+        train_step = step.make_step(loaded.model, step.make_optimizer(cfg.training, 10), cfg)
+        batch = step.split_micro_batches(data.synthetic_batch(256, 2, 24, 0), 1)
+        losses[setting] = [train_step(batch).loss.item() for _ in range(3)]
+        step.remove_lora(loaded.model)
+    assert losses["dequantize"] == pytest.approx(losses["native"], rel=1e-5)
+    assert losses["native"][2] != losses["native"][0]  # the adapters moved
