@@ -7,9 +7,8 @@ import time
 from collections.abc import Callable
 
 import mlx.core as mx
-from omegaconf import DictConfig
-
 from mlx.utils import tree_flatten
+from omegaconf import DictConfig
 
 from your_ai import config, data, footprint, step
 from your_ai.models import LoadedModel
