@@ -193,6 +193,7 @@ def mlx_lm_config(cfg: DictConfig, st, trial, document: dict) -> str:
     data_dir = Path(str(cfg.data.train_file)).expanduser()
     if data_dir.is_dir():
         config_doc["data"] = str(data_dir)
+    data_hint = "" if "data" in config_doc else " --data DIR"
     header = (
         f"# mlx-lm's own training step measured by your_ai.sweep (sweep.step=mlx_lm): "
         f"footprint {m['peak_memory_mb']:.0f} MB ({m['footprint_source']}; "
@@ -201,9 +202,8 @@ def mlx_lm_config(cfg: DictConfig, st, trial, document: dict) -> str:
         f"{m['tokens_per_sec']:.0f} tok/s\n"
         f"# study {m['study']}, trial {m['trial']}, on {m['device']} ({m['hardware']}), "
         f"{m['created_at']}\n"
-        "# Run: mlx_lm.lora -c mlx_lm_lora.yaml" + ("" if "data" in config_doc else " --data DIR")
-        + " (DIR holding train.jsonl and valid.jsonl); the memory holds for rows of at most "
-        f"max_seq_length tokens, the batch and layers below, and MLX's default cache.\n"
+        f"# mlx_lm.lora -c {MLX_LM_CONFIG}{data_hint} (DIR: train.jsonl, valid.jsonl); the "
+        "footprint holds for rows of up to max_seq_length tokens and MLX's default cache\n"
     )
     return header + yaml.safe_dump(config_doc, sort_keys=False)
 
