@@ -112,12 +112,12 @@ def run(cfg: DictConfig, out=None) -> dict:
     found = data.inspect(train_file, mask_prompt)
     if valid_file is not None:
         data.inspect(valid_file, mask_prompt, key="data.valid_file")
+    if cfg.auto_optimize:
+        cfg = apply_sweep_winner(cfg)
     if not found.distrust:
         cfg = cfg.copy()
         with open_dict(cfg):
-            cfg.distrust.mode = "none"
-    if cfg.auto_optimize:
-        cfg = apply_sweep_winner(cfg)
+            cfg.distrust.mode = "none"  # plain cross-entropy (loss.py)
     output_dir = Path(cfg.paths.output_dir)
     training = cfg.training
     memory = device.memory_settings(cfg.memory)
