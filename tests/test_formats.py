@@ -156,3 +156,16 @@ def test_validation_loss_at_eval_every_and_at_the_end(make_cfg, tmp_path):
         count += len(ids) - first
     assert metrics[-1]["val_loss"] == pytest.approx(total / count, rel=1e-4)
     assert f"val_loss {metrics[-1]['val_loss']:.4f}" in lines[-1]
+
+
+def test_a_byte_tokenizer_built_without_a_chat_template_gains_it(tmp_path):
+    from your_ai import models
+
+    directory = tmp_path / "byte-tokenizer"
+    models.embedded_tokenizer(tmp_path)
+    (directory / "chat_template.jinja").unlink()  # as built before it had one
+    tokenizer = models.embedded_tokenizer(tmp_path)
+    ids = tokenizer.apply_chat_template(CHAT[0]["messages"], return_dict=False)
+    assert tokenizer.decode(ids) == (
+        "<|user|>\nWhere does the tide go?</s>\n<|assistant|>\nOut, then back.</s>\n"
+    )
