@@ -79,6 +79,15 @@ RUNS = {
         *("--batch", "2", "--seq", "32", "--rank", "4", "--alpha", "8", "--lora-layers", "2"),
         *("--steps", "2", "--warmup", "1"),
     ],
+    "test_mlx_lm_step": lambda tmp: [
+        "mlx_lm_step.py",
+        "--out",
+        str(tmp / "work"),
+        "--iters",
+        "3",
+        "model=tiny",
+        *TINY,
+    ],
     "test_step_speed": lambda tmp: [
         "step_speed.py",
         "--steps",
@@ -176,6 +185,21 @@ def test_footprint(runs):
 def test_step_speed(runs):
     text = bench(runs, "test_step_speed")
     assert "| ours" in text and "| mlx-lm" in text and "ours / mlx-lm tokens/s" in text
+
+
+@pytest.mark.slow
+def test_mlx_lm_step(runs):
+    text = bench(runs, "test_mlx_lm_step")
+    rows = [
+        [c.strip() for c in line.split("|")[1:-1]]
+        for line in text.splitlines()
+        if line.startswith(("| 1 ", "| 2 "))
+    ]
+    # Both grid points, each measured with both steps (footprints, not "-").
+    assert [r[:3] for r in rows] == [["1", "4", "2"], ["2", "4", "2"]]
+    assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)
+    assert "winner, your_ai step: batch 2" in text and "winner, mlx_lm step: batch 2" in text
+    assert "`mlx_lm.lora -c mlx_lm_lora.yaml --iters 3` (batch 2, rank 4, layers 2" in text
 
 
 @pytest.mark.slow

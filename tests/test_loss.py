@@ -139,7 +139,7 @@ def test_chunked_loss_has_the_same_value_and_gradients(tiny, mode):
 
     def objective(chunk):
         def value(m):
-            return loss_fn(m, tokens, lengths, auth, entropy, ALPHA, LAMBDA, mode, chunk)
+            return loss_fn(m, tokens, lengths, auth, entropy, ALPHA, LAMBDA, mode, chunk=chunk)
 
         _, g = nn.value_and_grad(tiny.model, lambda m: value(m)[0])(tiny.model)
         return value(tiny.model), dict(tree_flatten(g))

@@ -38,7 +38,10 @@ def test_dequantized_base_trains_like_the_quantized_one(make_cfg):
                 module.lora_b = mx.random.normal(module.lora_b.shape) * 0.02
 
         def objective(m):
-            return loss.loss_fn(m, *batch, alpha=2.7, lambda_weight=0.6, mode="weighted")[0]
+            *arrays, offsets = batch
+            return loss.loss_fn(
+                m, *arrays, alpha=2.7, lambda_weight=0.6, mode="weighted", offsets=offsets
+            )[0]
 
         value, grads = nn.value_and_grad(model, objective)(model)
         results[setting] = value.item(), dict(tree_flatten(grads))

@@ -23,6 +23,32 @@ QUANTIZED_MATMULS = ("native", "dequantize")
 # activations' dtype.
 LORA_COMPUTE_DTYPES = ("float32", "input")
 
+# lora.fine_tune_type, as mlx-lm names its adapter layers.
+FINE_TUNE_TYPES = ("lora", "dora")
+
+# sweep.step: the trainer's own step, or mlx-lm's as `mlx_lm.lora` runs it.
+STEPS = ("your_ai", "mlx_lm")
+
+
+def data_files(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """(training file, validation file or None). A `data.train_file` directory is read as
+    mlx-lm reads `--data`: its train.jsonl, and its valid.jsonl unless `data.valid_file` names
+    another."""
+    train = Path(str(cfg.data.train_file)).expanduser()
+    valid = cfg.data.get("valid_file")
+    if train.is_dir():
+        directory = train
+        train = directory / "train.jsonl"
+        if not train.is_file():
+            raise UserError(f"data.train_file={directory}: the directory holds no train.jsonl")
+        if valid is None and (directory / "valid.jsonl").is_file():
+            valid = directory / "valid.jsonl"
+    if valid is not None:
+        valid = Path(str(valid)).expanduser()
+        if not valid.is_file():
+            raise UserError(f"data.valid_file={valid}: no such file")
+    return train, valid
+
 
 def looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
@@ -129,6 +155,8 @@ def step_settings(cfg: DictConfig) -> None:
     one_of(cfg, "training.quantized_matmul", QUANTIZED_MATMULS)
     if _value(cfg, "training.loss_chunk_tokens") is not None:
         integer(cfg, "training.loss_chunk_tokens", 1)
+    one_of(cfg, "lora.fine_tune_type", FINE_TUNE_TYPES)
+    one_of(cfg, "data.mask_prompt", (False, True))
     one_of(cfg, "blas", preload.SETTINGS)
     one_of(cfg, "allocator", preload.SETTINGS)
     memory_limits(cfg)
@@ -142,12 +170,15 @@ def step_settings(cfg: DictConfig) -> None:
 AUTO_CACHE_LIMIT_GB = {"cpu": 0.0, "cuda": 0.0, "metal": None}
 
 
-def memory_settings(memory_cfg, backend: str, device_memory_bytes: int | None) -> dict:
+def memory_settings(
+    memory_cfg, backend: str, device_memory_bytes: int | None, step: str = "your_ai"
+) -> dict:
     """`memory.*` resolved for a backend: the values a study records and a profile carries.
-    `device_memory_bytes` is Metal's recommended working set (unused elsewhere)."""
+    `device_memory_bytes` is Metal's recommended working set (unused elsewhere). With mlx-lm's
+    step, `auto` keeps MLX's default cache limit, which `mlx_lm.lora` does not change."""
     cache = memory_cfg.cache_limit_gb
     if cache == "auto":
-        cache = AUTO_CACHE_LIMIT_GB[backend]
+        cache = None if step == "mlx_lm" else AUTO_CACHE_LIMIT_GB[backend]
     wired = memory_cfg.wired_limit_gb
     if wired == "auto":
         # As mlx-lm's trainer does (maybe_set_recommended_wired_limit): the working set stays
@@ -183,6 +214,18 @@ def check_sweep(cfg: DictConfig) -> dict:
         raise UserError(f"sweep.objective={sweep.objective} is not one of {', '.join(OBJECTIVES)}")
     if sweep.data not in ("synthetic", "file"):
         raise UserError(f"sweep.data={sweep.data} is not one of synthetic, file")
+    if one_of(cfg, "sweep.step", STEPS) == "mlx_lm":
+        # mlx-lm's accumulation and LoRA layers differ from ours: what it runs is measured as is.
+        if cfg.training.grad_accumulation != 1:
+            raise UserError(
+                f"training.grad_accumulation={cfg.training.grad_accumulation}: sweep.step=mlx_lm "
+                "measures mlx-lm's step without accumulation (1)"
+            )
+        if cfg.lora.compute_dtype != "float32":
+            raise UserError(
+                f"lora.compute_dtype={cfg.lora.compute_dtype}: sweep.step=mlx_lm runs mlx-lm's "
+                "LoRA layers, which compute in float32"
+            )
     number(cfg, "sweep.margin", 0, 1)
     steps = integer(cfg, "sweep.steps", 1)
     warmup = integer(cfg, "sweep.warmup_steps", 0)
@@ -211,7 +254,7 @@ def check_sweep(cfg: DictConfig) -> dict:
     if sweep.data == "file":
         from your_ai.data import validate  # numpy, no MLX
 
-        validate(cfg.data.train_file)
+        validate(data_files(cfg)[0])
     return space
 
 
@@ -255,6 +298,12 @@ def check_training(cfg: DictConfig) -> None:
             f"training.grad_accumulation={training.grad_accumulation}"
         )
     step_settings(cfg)
+    integer(cfg, "training.eval_every", 1)
+    if _value(cfg, "training.val_batches") != -1:
+        try:
+            integer(cfg, "training.val_batches", 1)
+        except UserError as err:
+            raise UserError(f"{err}, or -1 (the whole validation set)") from None
 
 
 def dominance_enabled(setting, backend: str, ops_per_buffer: int | None) -> bool:
@@ -294,7 +343,9 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "grad_accumulation": int(cfg.training.grad_accumulation),
         "compile": bool(cfg.training.compile),
         # MLX's cache and wired limits, as this backend resolves them: they decide the footprint.
-        "memory": memory_settings(cfg.memory, info["backend"], info.get("memory_bytes")),
+        "memory": memory_settings(
+            cfg.memory, info["backend"], info.get("memory_bytes"), str(cfg.sweep.step)
+        ),
         "hardware": info["id"],
         # Decides peak memory on CUDA only; elsewhere it is not set, so it is not a setting.
         **({"cuda_ops_per_buffer": cfg.cuda_ops_per_buffer} if info["backend"] == "cuda" else {}),
@@ -313,6 +364,9 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
             if cfg.training.quantized_matmul != "native"
             else {}
         ),
+        # Likewise: DoRA layers, and mlx-lm's step (with its optimizer and loss), hold more.
+        **({"fine_tune_type": "dora"} if cfg.lora.fine_tune_type == "dora" else {}),
+        **({"step": "mlx_lm"} if cfg.sweep.step == "mlx_lm" else {}),
         **({"architecture": info.get("architecture")} if model.random_weights else {}),
     }
 

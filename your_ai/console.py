@@ -27,7 +27,9 @@ def header(cfg, info: dict, settings: dict, size: int, name: str, url: str) -> s
         f"your_ai sweep | model {config.model_label(cfg)} ({info['num_layers']} layers, "
         f"{info['weight_bytes'] / 1e6:.1f} MB weights) | max memory "
         f"{settings['max_memory_gb']:.2f} GB (footprint + {margin:.0%} margin, "
-        f"{info['footprint_source']}) | mode {cfg.sweep.mode}, {size} configurations, dominance "
+        f"{info['footprint_source']}) | step {settings.get('step', 'your_ai')}"
+        f"{', DoRA' if settings.get('fine_tune_type') == 'dora' else ''} | "
+        f"mode {cfg.sweep.mode}, {size} configurations, dominance "
         f"{'on' if settings['dominance'] else 'off'} | device {config.device_label(info)} | "
         f"study {name} in {study.redact(url)}"
     )

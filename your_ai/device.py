@@ -52,10 +52,11 @@ def hardware_id(kind: str, name: str, memory: int) -> str:
     return f"{kind}-{device}-{round(memory / 2**30)}gib"
 
 
-def memory_settings(memory_cfg, kind: str | None = None) -> dict:
+def memory_settings(memory_cfg, kind: str | None = None, step: str = "your_ai") -> dict:
     """`memory.*` resolved for this device (see config.memory_settings)."""
     kind = kind or backend()
-    return config.memory_settings(memory_cfg, kind, memory_bytes() if kind == "metal" else None)
+    device_bytes = memory_bytes() if kind == "metal" else None
+    return config.memory_settings(memory_cfg, kind, device_bytes, step)
 
 
 def apply_memory_settings(settings: dict) -> None:

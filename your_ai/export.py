@@ -60,6 +60,7 @@ def profile_document(st, trial, url: str) -> dict:
             "num_layers": int(p["lora.num_layers"]),
             "keys": settings["lora_keys"],
             "compute_dtype": settings["lora_compute_dtype"],
+            "fine_tune_type": settings.get("fine_tune_type", "lora"),
         },
         "measured": {
             "study": st.study_name,
@@ -78,6 +79,8 @@ def profile_document(st, trial, url: str) -> dict:
             "step_time_s": a.step_time_s,
             "tokens_per_sec": a.tokens_per_sec,
             "score": a.score,
+            # Whose training step the footprint is of: the trainer's or mlx-lm's.
+            "step": settings.get("step", "your_ai"),
             # When the winner was measured, not when it was exported: a re-export of the same
             # winner writes the same files.
             "created_at": measured_at(trial),
@@ -188,6 +191,58 @@ def render_profile(document: dict) -> str:
     return header + yaml.safe_dump(document, sort_keys=False)
 
 
+MLX_LM_CONFIG = "mlx_lm_lora.yaml"
+
+
+def mlx_lm_config(cfg: DictConfig, st, trial, document: dict) -> str:
+    """The winner as a config `mlx_lm.lora -c` takes as it is, headed by what measured it."""
+    settings, m = st.user_attrs["settings"], document["measured"]
+    lora, training = document["lora"], document["training"]
+    source = settings["model_source"]
+    model = (
+        str(Path(cfg.paths.models) / source.removeprefix("embedded:"))
+        if source.startswith("embedded:")
+        else source
+    )
+    config_doc = {
+        "model": model,
+        "train": True,
+        "fine_tune_type": lora["fine_tune_type"],
+        "optimizer": "adam",  # what the sweep's trials ran: mlx_lm.lora's default
+        "seed": int(cfg.seed),
+        "num_layers": lora["num_layers"],
+        "batch_size": training["batch_size"],
+        "iters": int(cfg.training.max_steps),
+        "learning_rate": float(cfg.training.learning_rate),
+        "max_seq_length": training["max_seq_length"],
+        "grad_checkpoint": training["grad_checkpoint"],
+        "grad_accumulation_steps": 1,
+        "mask_prompt": bool(cfg.data.mask_prompt),
+        "lora_parameters": {
+            "rank": lora["rank"],
+            "scale": lora["alpha"] / lora["rank"],
+            "dropout": float(settings.get("lora_dropout", 0.0)),
+            "keys": lora["keys"],
+        },
+    }
+    data_dir = Path(str(cfg.data.train_file)).expanduser()
+    if data_dir.is_dir():
+        config_doc["data"] = str(data_dir)
+    data_hint = "" if "data" in config_doc else " --data DIR"
+    header = (
+        f"# mlx-lm's own training step measured by your_ai.sweep (sweep.step=mlx_lm): "
+        f"footprint {m['peak_memory_mb']:.0f} MB ({m['footprint_source']}; "
+        f"{m['peak_memory_gb_with_margin']:.3f} GB with the {settings['margin']:.0%} margin, "
+        f"limit {m['max_memory_gb']:.3f} GB), {m['step_time_s']}s/step, "
+        f"{m['tokens_per_sec']:.0f} tok/s\n"
+        f"# study {m['study']}, trial {m['trial']}, on {m['device']} ({m['hardware']}), "
+        f"{m['created_at']}\n"
+        f"# mlx_lm.lora -c {MLX_LM_CONFIG}{data_hint} (DIR: train.jsonl, valid.jsonl); the "
+        "footprint holds for rows of up to max_seq_length tokens and MLX's default cache\n"
+    )
+    return header + yaml.safe_dump(config_doc, sort_keys=False)
+
+
 def export(cfg: DictConfig, st, out=None) -> dict | None:
     """Write the profiles for the study's best trial; None (and nothing written) if none fits."""
     out = sys.stdout if out is None else out  # now, not at import: the job log's tee
@@ -217,6 +272,12 @@ def export(cfg: DictConfig, st, out=None) -> dict | None:
     if per_length:
         written = ", ".join(f"{row['profile']}.yaml" for row in per_length if row["fits"])
         print(f"profiles per sequence length: {written or 'none fits'}", file=out)
+    # Only mlx-lm's step measured speaks for mlx_lm.lora: the trainer's step holds less, by an
+    # amount that depends on the hardware and the configuration (README, BENCHMARKS.md).
+    mlx_lm_path = artifacts / MLX_LM_CONFIG
+    if document["measured"]["step"] == "mlx_lm":
+        changed = write_if_changed(mlx_lm_path, mlx_lm_config(cfg, st, trial, document))
+        print(f"mlx_lm.lora config: {mlx_lm_path}{'' if changed else ' (unchanged)'}", file=out)
     return document
 
 

@@ -8,12 +8,16 @@ on the data, so its gradient with respect to the model is zero: it is logged and
 `weighted` makes the term shape training: sample i's cross-entropy is weighted by
 w_i = (1 - lambda) + lambda * d_i / mean(d), so lambda = 0 is plain cross-entropy, the weights
 average to 1, and samples with a larger term (low authority, high provenance entropy) weigh more.
+
+`none` is plain cross-entropy: the trainer's mode for data without the distrust fields.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from your_ai.config import DISTRUST_MODES as MODES
+from your_ai.config import DISTRUST_MODES
+
+MODES = (*DISTRUST_MODES, "none")
 
 EPSILON = 1e-8
 
@@ -90,9 +94,14 @@ def chunked_cross_entropy(head, hidden: mx.array, targets: mx.array, chunk: int)
 
 
 def token_cross_entropy(
-    model: nn.Module, tokens: mx.array, lengths: mx.array, chunk: int | None = None
+    model: nn.Module,
+    tokens: mx.array,
+    lengths: mx.array,
+    offsets: mx.array | None = None,
+    chunk: int | None = None,
 ):
-    """Per-token cross-entropy of next-token prediction and the mask of real (unpadded) tokens.
+    """Per-token cross-entropy of next-token prediction and the mask of the tokens it counts:
+    real (unpadded) ones from row i's `offsets[i]` on (the completion, with a masked prompt).
 
     With `chunk`, the logits are computed `chunk` tokens at a time (chunked_cross_entropy)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -103,8 +112,12 @@ def token_cross_entropy(
     else:
         ce = nn.losses.cross_entropy(model(inputs), targets).astype(mx.float32)
     positions = mx.arange(targets.shape[1])[None, :]
+    counted = positions < (lengths[:, None] - 1)
+    if offsets is not None:
+        # Target t is token t + 1: the first counted is the token at the offset, as mlx-lm.
+        counted = mx.logical_and(counted, positions + 1 >= offsets[:, None])
     # A float mask: integer counts as outputs of a compiled value_and_grad fail in MLX 0.32.
-    mask = (positions < (lengths[:, None] - 1)).astype(mx.float32)
+    mask = counted.astype(mx.float32)
     return ce * mask, mask
 
 
@@ -117,14 +130,17 @@ def loss_fn(
     alpha: float,
     lambda_weight: float,
     mode: str,
+    offsets: mx.array | None = None,
     chunk: int | None = None,
 ):
-    """Returns (loss, ntoks, mean cross-entropy); `chunk`: see token_cross_entropy."""
-    ce, mask = token_cross_entropy(model, tokens, lengths, chunk)
+    """Returns (loss, ntoks, mean cross-entropy); `offsets`, `chunk`: see token_cross_entropy."""
+    ce, mask = token_cross_entropy(model, tokens, lengths, offsets, chunk)
     ntoks = mask.sum()
     term = distrust_term(auth_weight, prov_entropy, alpha)
     plain_ce = ce.sum() / ntoks
-    if mode == "additive":
+    if mode == "none":
+        loss = plain_ce
+    elif mode == "additive":
         loss = plain_ce + lambda_weight * mx.mean(term)
     elif mode == "weighted":
         loss = (sample_weights(term, lambda_weight) * ce.sum(axis=1)).sum() / ntoks

@@ -1,6 +1,7 @@
 """Load a real model, build the embedded tiny one, or build any model from its architecture."""
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from your_ai.errors import UserError
 from your_ai.files import publish_dir
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+# The embedded tokenizer's chat template, so chat and prompt/completion data train offline: each
+# turn is `<|role|>` and its content on the next line, ended by the end-of-sequence token.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 @dataclass
@@ -38,7 +45,23 @@ def byte_tokenizer(directory: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(directory))
+
+
+def add_chat_template(directory: Path) -> None:
+    """Give a byte tokenizer built before it had one its chat template: its files are written
+    beside the old ones and renamed over them."""
+    import os
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=directory))
+    try:
+        byte_tokenizer(staging)
+        for written in staging.iterdir():
+            os.replace(written, directory / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def model_classes(config: dict):
@@ -76,12 +99,21 @@ def build_model_dir(path: Path, architecture: dict, seed: int = 0) -> None:
     publish_dir(path, write)
 
 
+def _has_chat_template(directory: Path) -> bool:
+    if (directory / "chat_template.jinja").exists():
+        return True
+    config = directory / "tokenizer_config.json"
+    return not config.exists() or "chat_template" in json.loads(config.read_text())
+
+
 def embedded_tokenizer(models_dir: Path):
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     directory = models_dir / "byte-tokenizer"
     if not directory.exists():
         publish_dir(directory, byte_tokenizer)
+    elif not _has_chat_template(directory):
+        add_chat_template(directory)
     return load_tokenizer(directory)
 
 
@@ -112,8 +144,11 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
     if dtype not in DTYPES:
         raise UserError(f"model.dtype={dtype} is not one of {', '.join(DTYPES)}")
     architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True)
-    if builds_locally(model_cfg, models_dir) and not local.exists():
-        build_model_dir(local, architecture, seed)
+    if builds_locally(model_cfg, models_dir):
+        if not local.exists():
+            build_model_dir(local, architecture, seed)
+        elif not _has_chat_template(local):
+            add_chat_template(local)
 
     if model_cfg.random_weights:
         if (local / "config.json").exists():

@@ -10,14 +10,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
 from omegaconf import DictConfig
 
 from your_ai import attention, device, quantized, record
-from your_ai.config import LORA_COMPUTE_DTYPES, QUANTIZED_MATMULS
+from your_ai.config import FINE_TUNE_TYPES, LORA_COMPUTE_DTYPES, QUANTIZED_MATMULS
 from your_ai.errors import UserError
-from your_ai.loss import distrust_term, loss_fn, output_head
+from your_ai.loss import distrust_term, loss_fn, output_head, token_cross_entropy
 
 _CHECKPOINT_PATCHED: set[type] = set()
 
@@ -72,7 +73,7 @@ def _cast_lora_layers(model: nn.Module) -> None:
             layer.update_modules(tree_unflatten(found))
 
 
-def _allow_checkpoint(layer_class: type) -> None:
+def allow_checkpoint(layer_class: type) -> None:
     """Patch the layer class once with a per-instance switch.
 
     mlx-lm's grad_checkpoint replaces the class's __call__ each time it is applied, so applying it
@@ -131,12 +132,15 @@ def apply_lora(
     grad_checkpoint: bool,
     compute_dtype: str = "float32",
     quantized_matmul: str = "native",
+    fine_tune_type: str = "lora",
 ) -> int:
-    """LoRA on the last `num_layers` layers; returns the number of trainable parameters.
+    """LoRA (or DoRA) on the last `num_layers` layers; returns the number of trainable
+    parameters.
 
     compute_dtype "input" runs the LoRA matmuls in the activations' dtype (CastLoRALinear);
     quantized_matmul "dequantize" multiplies by a quantized base's weights dequantized per use
-    in the layers the backward pass runs through (your_ai/quantized.py).
+    in the layers the backward pass runs through (your_ai/quantized.py). DoRA layers keep
+    mlx-lm's arithmetic.
     """
     if compute_dtype not in LORA_COMPUTE_DTYPES:
         choices = ", ".join(LORA_COMPUTE_DTYPES)
@@ -147,7 +151,11 @@ def apply_lora(
     total = len(model.layers)
     if not 0 < num_layers <= total:
         raise UserError(f"lora.num_layers={num_layers} is outside 1..{total} (the model's layers)")
-    linear_to_lora_layers(model, num_layers, params)
+    if fine_tune_type not in FINE_TUNE_TYPES:
+        raise UserError(
+            f"lora.fine_tune_type={fine_tune_type} is not one of {', '.join(FINE_TUNE_TYPES)}"
+        )
+    linear_to_lora_layers(model, num_layers, params, use_dora=fine_tune_type == "dora")
     if compute_dtype == "input":
         _cast_lora_layers(model)
     if quantized_matmul == "dequantize":
@@ -163,12 +171,16 @@ def apply_lora(
     for layer in model.layers:
         layer._checkpoint = grad_checkpoint
     if grad_checkpoint:
-        _allow_checkpoint(type(model.layers[0]))
+        allow_checkpoint(type(model.layers[0]))
     return sum(v.size for _, v in nn.utils.tree_flatten(model.trainable_parameters()))
 
 
 def remove_lora(model: nn.Module) -> None:
     remove_lora_layers(model)
+    # mlx-lm's remove_lora_layers knows LoRALinear only.
+    dora = [(name, m.linear) for name, m in model.named_modules() if isinstance(m, DoRALinear)]
+    if dora:
+        model.update_modules(tree_unflatten(dora))
     quantized.restore(model)
     for layer in model.layers:
         layer._checkpoint = False
@@ -227,7 +239,7 @@ def make_step(
     """One optimizer step over `training.grad_accumulation` micro-batches.
 
     Called as step(micro_batches) with micro_batches a list of
-    (tokens, lengths, auth_weight, prov_entropy) tuples of mx arrays.
+    (tokens, lengths, auth_weight, prov_entropy, offsets) tuples of mx arrays.
     """
     distrust = cfg.distrust
     chunk = cfg.training.get("loss_chunk_tokens")
@@ -236,13 +248,17 @@ def make_step(
             f"training.loss_chunk_tokens={chunk}: the loss cannot take this model's logits in "
             f"chunks (model type {getattr(model, 'model_type', '?')}); set it to null"
         )
-    loss = partial(
+    bound = partial(
         loss_fn,
         alpha=float(distrust.alpha),
         lambda_weight=float(distrust.lambda_weight),
         mode=str(distrust.mode),
         chunk=int(chunk) if chunk else None,
     )
+
+    def loss(model, tokens, lengths, auth, entropy, offsets):
+        return bound(model, tokens, lengths, auth, entropy, offsets=offsets)
+
     loss_and_grad = nn.value_and_grad(model, loss)
     clip = float(cfg.training.grad_clip)
     # The optimizer state must exist before compiling: compiled functions capture its arrays.
@@ -263,13 +279,13 @@ def make_step(
         updated = optimizer.apply_gradients(gradient, {ADAPTERS: vector})
         model.update(from_vector(updated[ADAPTERS], params))
 
-    def single(tokens, lengths, auth, entropy):
-        (value, ntoks, ce), grads = loss_and_grad(model, tokens, lengths, auth, entropy)
+    def single(tokens, lengths, auth, entropy, offsets):
+        (value, ntoks, ce), grads = loss_and_grad(model, tokens, lengths, auth, entropy, offsets)
         update(grads)
         return value, ntoks, ce
 
-    def accumulate(tokens, lengths, auth, entropy):
-        (value, ntoks, ce), grads = loss_and_grad(model, tokens, lengths, auth, entropy)
+    def accumulate(tokens, lengths, auth, entropy, offsets):
+        (value, ntoks, ce), grads = loss_and_grad(model, tokens, lengths, auth, entropy, offsets)
         return value, ntoks, ce, grads
 
     def mean_term(micro) -> mx.array:
@@ -301,12 +317,26 @@ def make_step(
     return step
 
 
+def validation_loss(model: nn.Module, batches) -> float:
+    """Mean cross-entropy per counted token over `batches` (tuples as `to_mx` makes them), with
+    dropout off, as mlx-lm's `evaluate`."""
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    for tokens, lengths, _, _, offsets in batches:
+        ce, mask = token_cross_entropy(model, tokens, lengths, offsets)
+        total, count = total + ce.sum(), count + mask.sum()
+        mx.eval(total, count)
+    model.train()
+    return (total / count).item()
+
+
 def to_mx(batch) -> tuple:
     return (
         mx.array(batch.tokens),
         mx.array(batch.lengths),
         mx.array(batch.auth_weight),
         mx.array(batch.prov_entropy),
+        mx.array(batch.offsets),
     )
 
 
@@ -322,13 +352,12 @@ def split_micro_batches(batch, accumulation: int) -> list[tuple]:
             f"training.grad_accumulation={accumulation}"
         )
     part = size // accumulation
+    fields = ("tokens", "lengths", "auth_weight", "prov_entropy")
     return [
         to_mx(
             Batch(
-                *(
-                    getattr(batch, f)[i * part : (i + 1) * part]
-                    for f in ("tokens", "lengths", "auth_weight", "prov_entropy")
-                )
+                *(getattr(batch, f)[i * part : (i + 1) * part] for f in fields),
+                offsets=batch.offsets[i * part : (i + 1) * part],
             )
         )
         for i in range(accumulation)

@@ -3,6 +3,7 @@
 The step is the one the sweep measures (your_ai.step). Adapters are saved in mlx-lm's format.
 """
 
+import itertools
 import json
 import os
 import signal
@@ -63,9 +64,10 @@ def apply_sweep_winner(cfg: DictConfig) -> DictConfig:
 def adapter_config(cfg: DictConfig, lora_params: dict) -> dict:
     """The fields mlx-lm's adapter loader reads, and what produced them."""
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": str(cfg.lora.fine_tune_type),
         "model": str(cfg.model.path),
         "data": str(cfg.data.train_file),
+        "mask_prompt": bool(cfg.data.mask_prompt),
         "num_layers": int(cfg.lora.num_layers),
         "lora_parameters": lora_params,
         "batch_size": int(cfg.training.batch_size),
@@ -104,9 +106,18 @@ def run(cfg: DictConfig, out=None) -> dict:
     warning = profile_warning(cfg, hardware["id"])
     if warning:
         print(warning, file=sys.stderr)
-    examples = data.validate(cfg.data.train_file)  # before a sweep, not after it
+    # Every line of both files, before a sweep, not after it.
+    train_file, valid_file = config.data_files(cfg)
+    mask_prompt = bool(cfg.data.mask_prompt)
+    found = data.inspect(train_file, mask_prompt)
+    if valid_file is not None:
+        data.inspect(valid_file, mask_prompt, key="data.valid_file")
     if cfg.auto_optimize:
         cfg = apply_sweep_winner(cfg)
+    if not found.distrust:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.distrust.mode = "none"  # plain cross-entropy (loss.py)
     output_dir = Path(cfg.paths.output_dir)
     training = cfg.training
     memory = device.memory_settings(cfg.memory)
@@ -116,6 +127,11 @@ def run(cfg: DictConfig, out=None) -> dict:
     usage = trial.Footprint(footprint.meter(hardware["backend"], idle_gpu_bytes, interval_s))
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
     model = loaded.model
+    if found.format != "text" and getattr(loaded.tokenizer, "chat_template", None) is None:
+        raise UserError(
+            f"{train_file} holds {found.format} data, which goes through the tokenizer's chat "
+            f"template, and model.path={cfg.model.path} has none"
+        )
     mx.reset_peak_memory()  # MLX's counter, like a sweep trial's, leaves the load out
     lora_params = step.lora_parameters(cfg.lora)
     step.check_lora_keys(model, lora_params["keys"])
@@ -127,6 +143,7 @@ def run(cfg: DictConfig, out=None) -> dict:
         bool(training.grad_checkpoint),
         str(cfg.lora.compute_dtype),
         str(cfg.training.quantized_matmul),
+        str(cfg.lora.fine_tune_type),
     )
     max_steps = int(training.max_steps)
     optimizer = step.make_optimizer(training, max_steps)
@@ -144,22 +161,46 @@ def run(cfg: DictConfig, out=None) -> dict:
         state = checkpoint.restore(latest, model, optimizer)
         first_step, position = state["step"] + 1, state["position"]
         checkpoint.keep_metrics_until(metrics_file, state["step"])
+    valid_note = f", validation {valid_file}" if valid_file is not None else ""
     print(
-        f"your_ai train | model {config.model_label(cfg)} | {examples} examples in "
-        f"{cfg.data.train_file} | "
+        f"your_ai train | model {config.model_label(cfg)} | {found.examples} {found.format} "
+        f"examples in {train_file}{valid_note} | "
         f"batch {training.batch_size}, rank {lora_params['rank']}, layers {cfg.lora.num_layers}, "
         f"seq {training.max_seq_length} | {trainable} trainable parameters | distrust "
         f"{cfg.distrust.mode} | device {config.device_label(machine)} | output {output_dir}",
         file=out,
         flush=True,
     )
+    if not found.distrust:
+        print(
+            f"{train_file}: no auth_weight and prov_entropy fields: training on plain "
+            "cross-entropy (no distrust term)",
+            file=out,
+            flush=True,
+        )
     batches = data.iterate_batches(
-        cfg.data.train_file,
+        train_file,
         loaded.tokenizer,
         int(training.batch_size),
         int(training.max_seq_length),
         start=position,
+        mask_prompt=mask_prompt,
     )
+
+    def validation_loss() -> float:
+        valid = data.iterate_batches(
+            valid_file,
+            loaded.tokenizer,
+            int(training.batch_size),
+            int(training.max_seq_length),
+            mask_prompt=mask_prompt,
+            loop=False,
+        )
+        count = int(training.val_batches)
+        if count != -1:
+            valid = itertools.islice(valid, count)
+        return step.validation_loss(model, (step.to_mx(b) for b in valid))
+
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {}
     bar = tqdm(
@@ -197,6 +238,11 @@ def run(cfg: DictConfig, out=None) -> dict:
                 mlx_peak_memory_gb=mlx_peak / 1e9,
                 mlx_cache_peak_gb=usage.cache_peak / 1e9,
             )
+            evaluate = valid_file is not None and (
+                index % int(training.eval_every) == 0 or index == max_steps
+            )
+            if evaluate:
+                metrics["val_loss"] = validation_loss()
             log.write(json.dumps(metrics) + "\n")
             bar.update(1)
             bar.set_postfix(
@@ -206,11 +252,13 @@ def run(cfg: DictConfig, out=None) -> dict:
                 footprint=f"{metrics['peak_memory_gb']:.2f}GB",
             )
             # The last step is always printed, so a run shorter than log_every shows its loss.
-            if index % int(training.log_every) == 0 or index == max_steps:
+            if index % int(training.log_every) == 0 or index == max_steps or evaluate:
                 log.flush()
+                val = f", val_loss {metrics['val_loss']:.4f}" if evaluate else ""
                 tqdm.write(
                     f"step {index}: loss {metrics['loss']:.4f}, "
-                    f"ce {metrics['cross_entropy']:.4f}, lr {metrics['learning_rate']:.2e}, "
+                    f"ce {metrics['cross_entropy']:.4f}{val}, "
+                    f"lr {metrics['learning_rate']:.2e}, "
                     f"{metrics['tokens_per_sec']:.0f} tok/s, "
                     f"footprint {metrics['peak_memory_gb']:.3f} GB "
                     f"(MLX {metrics['mlx_peak_memory_gb']:.3f} GB)",

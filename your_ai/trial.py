@@ -7,9 +7,10 @@ import time
 from collections.abc import Callable
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from omegaconf import DictConfig
 
-from your_ai import data, footprint, step
+from your_ai import config, data, footprint, step
 from your_ai.models import LoadedModel
 from your_ai.record import Limits, Measurement, Step, trial_config
 
@@ -88,53 +89,69 @@ def measure(
     model = loaded.model
     result = Measurement("running", start_bytes=memory.start_bytes, footprint_source=meter.source)
     mx.random.seed(int(cfg.seed))
+    times, peaks, losses = [], [], []
+    warmup = int(sweep.warmup_steps)
+
+    def after_step(index: int, tick: float, elapsed: float, loss: float) -> bool:
+        """Record step `index` (from 0); whether the trial ends here (pruned or stable)."""
+        if index == 0:
+            result.setup_s = tick - started
+            result.first_step_s = elapsed
+        peak, mlx_peak = memory.read()
+        adjusted = peak * (1.0 + limits.margin)
+        losses.append(loss)
+        peaks.append(peak)
+        if index >= warmup:
+            times.append(elapsed)
+        result.steps_run = index + 1
+        result.peak_bytes, result.mlx_peak_bytes = peak, mlx_peak
+        result.cache_peak_bytes = memory.cache_peak
+        on_step(Step(index + 1, elapsed, peak))
+        if adjusted > limits.max_bytes:
+            result.state, result.memory = "pruned", True
+            result.reason = f"{adjusted / 1e9:.4g} GB > {limits.max_bytes / 1e9:.4g} GB"
+            return True
+        if sweep.early_stop and stable(
+            times, peaks, int(sweep.stable_steps), float(sweep.stable_tolerance)
+        ):
+            result.early_stopped = True
+            return True
+        return False
+
+    train_step = optimizer = micro_batches = batch = None
     try:
-        result.trainable_params = step.apply_lora(
-            model,
-            int(run_cfg.lora.num_layers),
-            step.lora_parameters(run_cfg.lora),
-            bool(run_cfg.training.grad_checkpoint),
-            str(run_cfg.lora.compute_dtype),
-            str(run_cfg.training.quantized_matmul),
-        )
-        optimizer = step.make_optimizer(run_cfg.training, int(sweep.steps))
-        train_step = step.make_step(model, optimizer, run_cfg)
         if sweep.data == "file":
-            batch = data.packed_batch(run_cfg.data.train_file, loaded.tokenizer, batch_size, seq)
+            train_file = config.data_files(run_cfg)[0]
+            batch = data.packed_batch(train_file, loaded.tokenizer, batch_size, seq)
         else:
             vocab = int(loaded.config.get("vocab_size", 256))
             batch = data.synthetic_batch(vocab, batch_size, seq, int(cfg.seed))
-        micro_batches = step.split_micro_batches(batch, int(run_cfg.training.grad_accumulation))
-        times, peaks, losses = [], [], []
-        warmup = int(sweep.warmup_steps)
-        for index in range(int(sweep.steps)):
-            tick = time.perf_counter()
-            out = train_step(micro_batches)
-            mx.eval(out.loss, model.state, optimizer.state)
-            elapsed = time.perf_counter() - tick
-            if index == 0:
-                result.setup_s = tick - started
-                result.first_step_s = elapsed
-            peak, mlx_peak = memory.read()
-            adjusted = peak * (1.0 + limits.margin)
-            losses.append(out.loss.item())
-            peaks.append(peak)
-            if index >= warmup:
-                times.append(elapsed)
-            result.steps_run = index + 1
-            result.peak_bytes, result.mlx_peak_bytes = peak, mlx_peak
-            result.cache_peak_bytes = memory.cache_peak
-            on_step(Step(index + 1, elapsed, peak))
-            if adjusted > limits.max_bytes:
-                result.state, result.memory = "pruned", True
-                result.reason = f"{adjusted / 1e9:.4g} GB > {limits.max_bytes / 1e9:.4g} GB"
-                return result
-            if sweep.early_stop and stable(
-                times, peaks, int(sweep.stable_steps), float(sweep.stable_tolerance)
-            ):
-                result.early_stopped = True
-                break
-        median = statistics.median(times) if times else elapsed
+        if sweep.step == "mlx_lm":
+            result.trainable_params = mlx_lm_steps(loaded, run_cfg, batch, after_step)
+        else:
+            result.trainable_params = step.apply_lora(
+                model,
+                int(run_cfg.lora.num_layers),
+                step.lora_parameters(run_cfg.lora),
+                bool(run_cfg.training.grad_checkpoint),
+                str(run_cfg.lora.compute_dtype),
+                str(run_cfg.training.quantized_matmul),
+                str(run_cfg.lora.fine_tune_type),
+            )
+            optimizer = step.make_optimizer(run_cfg.training, int(sweep.steps))
+            train_step = step.make_step(model, optimizer, run_cfg)
+            accumulation = int(run_cfg.training.grad_accumulation)
+            micro_batches = step.split_micro_batches(batch, accumulation)
+            for index in range(int(sweep.steps)):
+                tick = time.perf_counter()
+                out = train_step(micro_batches)
+                mx.eval(out.loss, model.state, optimizer.state)
+                elapsed = time.perf_counter() - tick
+                if after_step(index, tick, elapsed, out.loss.item()):
+                    break
+        if result.state == "pruned":
+            return result
+        median = statistics.median(times) if times else result.first_step_s
         result.state = "complete"
         result.step_time_s = median
         result.tokens_per_sec = batch_size * seq / median
@@ -154,3 +171,72 @@ def measure(
         # Drop every reference to this trial's arrays before the next one measures.
         train_step = optimizer = micro_batches = batch = None  # noqa: F841
         release_memory()
+
+
+class _Stop(Exception):
+    """Ends mlx-lm's training loop from its callback: the trial has what it needs."""
+
+
+def mlx_lm_steps(loaded: LoadedModel, run_cfg: DictConfig, batch, after_step) -> int:
+    """mlx-lm's own training loop (`mlx_lm.tuner.trainer.train`) as `mlx_lm.lora` runs it for
+    this configuration: its LoRA or DoRA layers, its Adam, its loss, its compiled step, one step
+    per report; `after_step` sees each. Returns the number of trainable parameters.
+
+    Its gradient checkpointing is applied per layer instance (step.py), the same wrapper as
+    mlx-lm's, which would otherwise wrap the layer class again on every trial.
+    """
+    import contextlib
+    import io
+    import tempfile
+
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = loaded.model
+    training, lora = run_cfg.training, run_cfg.lora
+    linear_to_lora_layers(
+        model,
+        int(lora.num_layers),
+        step.lora_parameters(lora),
+        use_dora=lora.fine_tune_type == "dora",
+    )
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    checkpoint = bool(training.grad_checkpoint)
+    for layer in model.layers:
+        layer._checkpoint = checkpoint
+    if checkpoint:
+        step.allow_checkpoint(type(model.layers[0]))
+    steps = int(run_cfg.sweep.steps)
+    clock = {"tick": time.perf_counter()}
+
+    class Measure(TrainingCallback):
+        def on_train_loss_report(self, info: dict) -> None:
+            now = time.perf_counter()
+            index = int(info["iteration"]) - 1
+            stop = after_step(index, clock["tick"], now - clock["tick"], info["train_loss"])
+            if stop or index + 1 == steps:
+                raise _Stop
+            clock["tick"] = time.perf_counter()
+
+    # A full-length row per example; mlx-lm's batching pads none of them.
+    dataset = [(row.tolist(), 0) for row in batch.tokens]
+    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(io.StringIO()):
+        args = TrainingArgs(
+            batch_size=len(dataset),
+            iters=steps,
+            steps_per_report=1,
+            steps_per_eval=steps + 1,
+            steps_per_save=steps + 1,
+            max_seq_length=int(training.max_seq_length),
+            adapter_file=f"{scratch}/adapters.safetensors",
+            grad_checkpoint=False,
+        )
+        optimizer = optim.Adam(learning_rate=float(training.learning_rate))
+        clock["tick"] = time.perf_counter()
+        try:
+            train(model, optimizer, dataset, args=args, training_callback=Measure())
+        except _Stop:
+            pass
+    return trainable
