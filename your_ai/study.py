@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import socket
+import threading
 import time
 import warnings
 import zlib
@@ -25,7 +26,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from your_ai.errors import UserError
 from your_ai.record import AXES, score
@@ -196,6 +197,116 @@ def open_storage(url: str, sweep) -> optuna.storages.BaseStorage:
         ) from None
 
 
+def connection_lost(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) says the database could not be reached: the server
+    stopped, restarting or out of reach. A refusal the database would repeat (a full disk, a
+    constraint, SQLite's own errors) is not: retrying it only delays the error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, DBAPIError):
+            if err.connection_invalidated:
+                return True
+            orig = err.orig
+            if (
+                type(orig).__module__.startswith("psycopg")
+                and type(orig).__name__
+                in (
+                    "OperationalError",
+                    "InterfaceError",
+                    "AdminShutdown",
+                    "CannotConnectNow",
+                    "CrashShutdown",
+                )
+                or isinstance(orig, ConnectionError)
+            ):
+                # No SQLSTATE: the client could not reach the server; class 08 is a connection
+                # exception, 57P the server shutting down or starting up.
+                code = getattr(orig, "sqlstate", None)
+                return code is None or code.startswith(("08", "57P"))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def storage_error(err: BaseException) -> bool:
+    """Raised by the storage itself (its driver, SQLAlchemy, Optuna's wrapper, a journal file)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def root_message(err: BaseException) -> str:
+    """The first line of what first went wrong, under the wrappers."""
+    while err.__cause__ is not None or (err.__context__ is not None and not str(err)):
+        err = err.__cause__ or err.__context__
+    orig = getattr(err, "orig", None) or err
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__
+
+
+class StorageGuard:
+    """What a sweep asks of its storage, retried while the database is out of reach, for up to
+    `sweep.storage_retry_s` from the first failure; past that, and at once for any error the
+    database would repeat (a full disk), one line naming the storage. The study is left as the
+    database last committed it: a rerun continues it (a trial this sweep held is recovered
+    there as a dead sweep's)."""
+
+    def __init__(self, url: str, retry_s: float, pause_s: float = 1.0):
+        self.url, self.retry_s, self.pause_s = url, retry_s, pause_s
+        self.down_since: float | None = None
+        self.lock = threading.Lock()
+        self.outages = 0  # how many times the storage was lost and came back
+
+    def __call__(self, fn, *args, **kwargs):
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - sorted below: retried, one line, or raised
+                self.failed(err)
+                time.sleep(self.pause_s)
+                continue
+            self.reached()
+            return result
+
+    def tolerate(self, fn, *args, **kwargs) -> None:
+        """Call `fn` once; a lost database is noted (and is an error only once it has been lost
+        for longer than allowed), not waited for: a heartbeat can be skipped, a trial goes on."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - as in __call__
+            self.failed(err)
+            return
+        self.reached()
+
+    def reached(self) -> None:
+        with self.lock:
+            if self.down_since is not None:
+                self.outages += 1
+            self.down_since = None
+
+    def failed(self, err: Exception) -> None:
+        where = f"sweep.storage={redact(self.url)}"
+        if not connection_lost(err):
+            if storage_error(err):
+                raise UserError(f"{where}: the storage refused ({root_message(err)})") from err
+            raise err
+        now = time.monotonic()
+        with self.lock:
+            if self.down_since is None:
+                self.down_since = now
+            down_s = now - self.down_since
+        if down_s > self.retry_s:
+            raise UserError(
+                f"{where}: unreachable for {down_s:.0f} s (sweep.storage_retry_s="
+                f"{self.retry_s:g}; {root_message(err)}); run the sweep again to continue the "
+                "study"
+            ) from None
+
+
 def describe_differences(stored: dict, current: dict) -> str:
     keys = sorted(set(stored) | set(current))
     diffs = [
@@ -342,8 +453,9 @@ def recover_dead_trials(study, max_retry: int, grace_s: float) -> list[int]:
         # Other hosts' dead workers: their heartbeat stopped longer than the grace period ago.
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        recovered.extend(sorted(before - after))
+        # Failed now, not merely no longer running: another worker may have finished one since.
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        recovered.extend(sorted(before & after))
     now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(WORKER_ATTR)
@@ -435,17 +547,22 @@ def give_back_trial(study_, trial, max_retry: int, interrupted: bool) -> bool:
 
 
 class Heartbeat:
-    """Tells the storage this sweep is alive, so other workers do not retake its trial."""
+    """Tells the storage this sweep is alive, so other workers do not retake its trial. While
+    the database is out of reach the trial goes on and beats are skipped (`guard`)."""
 
-    def __init__(self, study_, trial, interval: float):
+    def __init__(self, study_, trial, interval: float, guard: StorageGuard | None = None):
         self.storage, self.trial_id = study_._storage, trial._trial_id
         self.enabled = uses_heartbeat(self.storage) and interval > 0
         self.interval, self.last = interval, 0.0
+        self.guard = guard
 
     def __call__(self) -> None:
         now = time.monotonic()
         if self.enabled and now - self.last >= self.interval:
-            self.storage.record_heartbeat(self.trial_id)
+            if self.guard is None:
+                self.storage.record_heartbeat(self.trial_id)
+            else:
+                self.guard.tolerate(self.storage.record_heartbeat, self.trial_id)
             self.last = now
 
 
