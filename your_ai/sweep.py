@@ -63,6 +63,10 @@ def measure_or_skip(
             raise Stopped
         beat()
 
+    if not worker.alive:
+        worker.start(heartbeat)
+    # Which process measures it: what a kill from outside is traced back to.
+    guard(trial.set_user_attr, "worker_pid", worker.info["pid"])
     measured = worker.run(params, limits, heartbeat)
     if measured.state == "killed":
         guard(trial.set_user_attr, "reason", measured.reason)

@@ -7,9 +7,9 @@ nothing about the point: its trial is measured again. What crosses the pipe is o
 records below, never a bare tuple.
 
 Test hook: with `YOUR_AI_TEST_HANG_FILE` set in a worker's environment, the first trial (of any
-worker) to pass its memory limit while that file exists removes the file and hangs instead of
-reporting, as MLX's CUDA backend can when memory runs out, so the sweep's timeout fires. Only
-the worker reads it; the chaos run and its test set it.
+worker) to pass its memory limit while that file exists removes the file and hangs after
+reporting that step, as MLX's CUDA backend can when memory runs out, so the sweep's timeout
+fires. Only the worker reads it; the chaos run and its test set it.
 """
 
 import ctypes
@@ -154,19 +154,19 @@ def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) ->
 
 def hang_over_limit(send: Callable, limits: Limits, hook: str | None) -> Callable:
     """The test hook (see the module's docstring): `send`, or, while the hook's file exists,
-    `send` that hangs on the first step over the limit."""
+    `send` that hangs once it has reported the first step over the limit."""
     if not hook:
         return send
 
     def on_step(message: Step) -> None:
+        send(message)
         if message.peak_bytes * (1 + limits.margin) > limits.max_bytes:
             try:
                 os.unlink(hook)  # one worker wins: the file is removed once
             except FileNotFoundError:
-                return send(message)
-            while True:
+                return
+            while True:  # the step was reported; the next never is
                 time.sleep(3600)
-        send(message)
 
     return on_step
 
