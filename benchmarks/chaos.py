@@ -137,12 +137,31 @@ def inject(
     """Fire each fault at its time (seconds from `tick`) while sweeps run; a fault whose target
     is gone by then waits for one (a worker in a trial), up to the end of the run."""
     pending = list(faults)
+    terminated = set()
     while pending and sweeps.running():
+        for proc in list(sweeps.procs):
+            # A sweep that stopped by itself (the database was away too long) is started again
+            # at once, as its user would; one stopped by SIGTERM waits for the final round.
+            if proc.poll() not in (None, 0) and proc.pid not in terminated:
+                sweeps.procs.remove(proc)
+                out, err = proc.communicate()
+                sweeps.outputs.append((proc.index, proc.returncode, out, err))
+                last = err.strip().splitlines()[-1] if err.strip() else ""
+                again = sweeps.start(proc.index)
+                history.append(
+                    (
+                        time.perf_counter() - tick,
+                        "exit",
+                        f"sweep {proc.index} (pid {proc.pid}) "
+                        f"exited {proc.returncode}: {last!r}; started again as pid {again.pid}",
+                    )
+                )
         at, fault = pending[0]
         now = time.perf_counter() - tick
         if now < at:
             time.sleep(min(0.2, at - now))
             continue
+        started = now
         if fault == "kill_worker":
             holders = [t for t in running_trials(sweeps.url, name) if "worker_pid" in t.user_attrs]
             if not holders:
@@ -160,11 +179,14 @@ def inject(
             proc = rng.choice(alive)
             if fault == "kill_sweep":
                 proc.send_signal(signal.SIGKILL)
-                proc.wait()
+                sweeps.procs.remove(proc)
+                out, err = proc.communicate()
+                sweeps.outputs.append((proc.index, proc.returncode, out, err))
                 restarted = sweeps.start(proc.index)
                 detail = f"sweep {proc.index} (pid {proc.pid}), restarted as pid {restarted.pid}"
             else:
                 proc.send_signal(signal.SIGTERM)
+                terminated.add(proc.pid)
                 detail = f"sweep {proc.index} (pid {proc.pid})"
         else:
             down = rng.uniform(5, 10)
@@ -172,7 +194,7 @@ def inject(
             time.sleep(down)
             postgres("restart", pgdir)
             detail = f"PostgreSQL stopped for {down:.1f} s and started again"
-        history.append((time.perf_counter() - tick, fault, detail))
+        history.append((started, fault, detail))
         pending.pop(0)
     for at, fault in pending:
         history.append((None, fault, f"not injected (due at {at:.1f} s): the sweeps had ended"))
@@ -198,6 +220,7 @@ def run_chaos(
     """The disturbed run; returns its study name, wall time, history and the sweeps' outputs."""
     rng = random.Random(seed)
     name = f"chaos-{uuid.uuid4().hex[:6]}"
+    workdir.mkdir(parents=True, exist_ok=True)
     hang_file = workdir / "hang"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "YOUR_AI_TEST_HANG_FILE": str(hang_file)}
     per_sweep = [[f"sweep.workers={workers}"] for _ in range(sweeps_count)]
@@ -219,13 +242,13 @@ def run_chaos(
     history.append((first, "end", "every sweep of the chaos run has exited"))
     interrupted = list(sweeps.outputs)
     sweeps.outputs = []
-    if hang_file.exists():  # no trial went over its limit while it was armed
-        hang_file.unlink()
-        history.append((first, "hang", "never fired: no trial passed its limit"))
     for index in range(sweeps_count):  # every sweep once more, to finish
         sweeps.start(index)
     sweeps.collect()
     wall = time.perf_counter() - tick
+    if hang_file.exists():  # still armed: no trial passed its limit
+        hang_file.unlink()
+        history.append((wall, "hang", "never fired: no trial passed its limit"))
     return {
         "name": name,
         "wall_s": wall,
@@ -369,6 +392,7 @@ def main() -> None:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     print(f"chaos seed {seed} (python benchmarks/chaos.py --seed {seed} reruns it)", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="your_ai-chaos-"))
+    workdir.chmod(0o755)  # the server runs as the postgres user, under it
     pgdir = workdir / "pg"
     url = postgres("start", pgdir)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -192,11 +192,12 @@ def run_trials(
     return counts
 
 
-def run_workers(cfg: DictConfig, st, workers: list[Worker], limits: Limits, out) -> dict:
+def run_workers(
+    cfg: DictConfig, st, workers: list[Worker], limits: Limits, out, guard: study.StorageGuard
+) -> dict:
     """`run_trials` in one thread per trial worker, all on the one study (whose storage hands
     each its own grid points, as it does to separate sweeps). Ctrl-C, SIGTERM or one worker's
     error stops them all, each giving its trial back; the first error is raised."""
-    guard = study.StorageGuard(str(cfg.sweep.storage), float(cfg.sweep.storage_retry_s))
     bar = progress_bar(st)
     if len(workers) == 1:
         try:
@@ -264,7 +265,9 @@ def run(cfg: DictConfig, out=None) -> dict:
     for worker in workers:
         worker.launch()  # it loads the model while the storage opens
     try:
-        storage = study.open_storage(url, cfg.sweep)
+        # A database that is away as the sweep starts is waited for as during it.
+        guard = study.StorageGuard(url, float(cfg.sweep.storage_retry_s))
+        storage = guard(study.open_storage, url, cfg.sweep)
         info = workers[0].wait_ready()
         for worker in workers[1:]:
             other = worker.wait_ready()
@@ -282,14 +285,15 @@ def run(cfg: DictConfig, out=None) -> dict:
         max_gb = memory_limit_gb(cfg, info)
         name = config.study_name(cfg)
         settings = config.study_settings(cfg, space, info, max_gb)
-        st = study.open_study(storage, url, name, settings, space, int(cfg.sweep.max_retry))
-        st.set_user_attr("device", {k: info[k] for k in ("backend", "name", "memory_gb", "id")})
+        st = guard(study.open_study, storage, url, name, settings, space, int(cfg.sweep.max_retry))
+        device = {k: info[k] for k in ("backend", "name", "memory_gb", "id")}
+        guard(st.set_user_attr, "device", device)
         print(console.header(cfg, info, settings, st.sampler.size, name, url), file=out)
         if len(workers) > 1:
             print(console.workers_line(workers), file=out)
         started = time.monotonic()
         limits = Limits(max_gb * 1e9, float(cfg.sweep.margin))
-        this_run = run_workers(cfg, st, workers, limits, out)
+        this_run = run_workers(cfg, st, workers, limits, out, guard)
     finally:
         for worker in workers:
             worker.stop()
