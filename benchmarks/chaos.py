@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,15 +126,8 @@ def running_trials(url: str, name: str) -> list:
 
 
 def inject(
-    sweeps: Sweeps,
-    name: str,
-    faults: list[tuple[float, str]],
-    pgdir: Path,
-    rng,
-    hang_file: Path,
-    history: list,
-    tick: float,
-) -> None:
+    sweeps: Sweeps, name: str, faults: list, pgdir: Path, rng, history: list, tick: float
+) -> set[int]:
     """Fire each fault at its time (seconds from `tick`) while sweeps run; a fault whose target
     is gone by then waits for one (a worker in a trial), up to the end of the run."""
     pending = list(faults)
@@ -198,6 +192,7 @@ def inject(
         pending.pop(0)
     for at, fault in pending:
         history.append((None, fault, f"not injected (due at {at:.1f} s): the sweeps had ended"))
+    return terminated
 
 
 def describe(t) -> str:
@@ -236,7 +231,7 @@ def run_chaos(
     tick = time.perf_counter()
     for index in range(sweeps_count):
         sweeps.start(index)
-    inject(sweeps, name, faults, pgdir, rng, hang_file, history, tick)
+    terminated = inject(sweeps, name, faults, pgdir, rng, history, tick)
     sweeps.collect()
     first = time.perf_counter() - tick
     history.append((first, "end", "every sweep of the chaos run has exited"))
@@ -257,10 +252,11 @@ def run_chaos(
         "interrupted": interrupted,
         "final": sweeps.outputs,
         "profiles": workdir / "profiles",
+        "terminated": terminated,
     }
 
 
-def check(url: str, name: str, reference: str, max_retry: int, chaos: dict) -> list[str]:
+def check(url: str, name: str, ref, max_retry: int, chaos: dict) -> list[str]:
     """The promises, from the database: an empty list when every one holds."""
     import yaml
     from optuna.trial import TrialState
@@ -269,7 +265,7 @@ def check(url: str, name: str, reference: str, max_retry: int, chaos: dict) -> l
     from your_ai.record import AXES, score
 
     problems = []
-    st, ref = load(url, name), load(url, reference)
+    st = load(url, name)
     measured = study.measured_grid_trials(st)
     points = [tuple(sorted(t.params.items())) for t in measured]
     grid = math.prod(len(v) for v in st.user_attrs["settings"]["grid"].values())
@@ -333,6 +329,13 @@ def check(url: str, name: str, reference: str, max_retry: int, chaos: dict) -> l
     outage = any(f == "stop_database" and at is not None for at, f, _ in chaos["history"])
     if outage and not storage_lines:
         problems.append(f"sweep 0 did not stop with the storage's line: {lost}")
+    # A sweep stopped by SIGTERM gives back every trial its workers held (as Ctrl-C does),
+    # spending no retry: none of its trials is left for recovery to fail as a dead sweep's.
+    for t in st.trials:
+        owner = t.system_attrs.get(study.WORKER_ATTR, {}).get("pid")
+        if owner in chaos["terminated"] and t.state == TrialState.FAIL:
+            if not t.user_attrs.get("interrupted") and "reason" not in t.user_attrs:
+                problems.append(f"trial {t.number} of the sweep sent SIGTERM was not given back")
     failed = [(i, rc, err[-1500:]) for i, rc, _, err in chaos["final"] if rc != 0]
     if failed:
         problems.append(f"a final run failed: {failed}")
@@ -377,6 +380,73 @@ def choose_limit(url: str, workdir: Path, overrides: list[str], env: dict) -> fl
     return round(limit_in_a_gap(peaks) / 1000, 4)
 
 
+@dataclass
+class Options:
+    seed: int
+    overrides: list[str]  # the grid and the sweep's settings
+    sweeps: int = 2
+    workers: int = 2  # trial workers per sweep
+    limit_gb: float | None = None  # None: a limit in a gap of an unlimited run's footprints
+    storage_retry_s: float = 3
+    max_retry: int = 3
+    reference: object = None  # an undisturbed study of the grid and limit; None: run one
+    expected_s: float | None = None  # how long the sweeps take undisturbed, if known
+
+
+def chaos(options: Options, workdir: Path) -> dict:
+    """The whole run on a PostgreSQL server of its own: the undisturbed run (unless given),
+    the chaos run, the checks. Returns the chaos run's record with `problems`, `reference`,
+    `ref_wall_s`, `limit_gb` and `figures` added."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The server runs as the postgres user where this runs as root: a directory it can reach.
+    pgdir = Path(tempfile.mkdtemp(prefix="your_ai-chaos-pg-"))
+    pgdir.chmod(0o755)
+    url = postgres("start", pgdir / "db")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    overrides = [*options.overrides, *FAST_RECOVERY, f"sweep.max_retry={options.max_retry}"]
+    try:
+        limit = options.limit_gb or choose_limit(url, workdir / "free", overrides, env)
+        overrides.append(f"sweep.max_memory_gb={limit}")
+        reference, ref_wall = options.reference, options.expected_s
+        if reference is None:
+            name = f"undisturbed-{uuid.uuid4().hex[:6]}"
+            per_sweep = [[f"sweep.workers={options.workers}"] for _ in range(options.sweeps)]
+            ref_sweeps = Sweeps(
+                workdir / "undisturbed",
+                url,
+                [*overrides, f"sweep.study_name={name}"],
+                per_sweep,
+                env,
+            )
+            ref_wall = run_undisturbed(ref_sweeps)
+            reference = load(url, name)
+            print(f"undisturbed run: {ref_wall:.1f} s", flush=True)
+        result = run_chaos(
+            pgdir / "db",
+            url,
+            workdir / "chaos",
+            overrides,
+            options.sweeps,
+            options.workers,
+            options.seed,
+            ref_wall,
+            options.storage_retry_s,
+        )
+        result.update(
+            problems=check(url, result["name"], reference, options.max_retry, result),
+            reference=reference,
+            ref_wall_s=ref_wall,
+            limit_gb=limit,
+            figures=figures(url, result),
+            trials=trial_history(url, result["name"]),
+            url=url,
+        )
+    finally:
+        postgres("stop", pgdir / "db")
+        shutil.rmtree(pgdir, ignore_errors=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=None)
@@ -388,49 +458,27 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     parser.add_argument("overrides", nargs="*", help="sweep overrides (default: mode=full)")
     args = parser.parse_args()
-    args.load_before = os.getloadavg()[0]  # the 2 cores are shared: say how busy they were
+    load_before = os.getloadavg()[0]  # the cores may be shared: say how busy they were
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     print(f"chaos seed {seed} (python benchmarks/chaos.py --seed {seed} reruns it)", flush=True)
-    workdir = Path(tempfile.mkdtemp(prefix="your_ai-chaos-"))
-    workdir.chmod(0o755)  # the server runs as the postgres user, under it
-    pgdir = workdir / "pg"
-    url = postgres("start", pgdir)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    overrides = [
-        *(args.overrides or ["mode=full"]),
-        *FAST_RECOVERY,
-        f"sweep.max_retry={args.max_retry}",
-    ]
-    try:
-        limit = args.limit_gb or choose_limit(url, workdir / "free", overrides, env)
-        overrides.append(f"sweep.max_memory_gb={limit}")
-        reference = f"undisturbed-{uuid.uuid4().hex[:6]}"
-        per_sweep = [[f"sweep.workers={args.workers}"] for _ in range(args.sweeps)]
-        ref_sweeps = Sweeps(
-            workdir / "undisturbed",
-            url,
-            [*overrides, f"sweep.study_name={reference}"],
-            per_sweep,
-            env,
-        )
-        ref_wall = run_undisturbed(ref_sweeps)
-        print(f"undisturbed run: {ref_wall:.1f} s", flush=True)
-        chaos = run_chaos(
-            pgdir,
-            url,
-            workdir / "chaos",
-            overrides,
-            args.sweeps,
-            args.workers,
-            seed,
-            ref_wall,
-            args.storage_retry_s,
-        )
-        problems = check(url, chaos["name"], reference, args.max_retry, chaos)
-        report(url, chaos, reference, ref_wall, seed, limit, problems, args)
-    finally:
-        postgres("stop", pgdir)
-    sys.exit(1 if problems else 0)
+    options = Options(
+        seed,
+        args.overrides or ["mode=full"],
+        args.sweeps,
+        args.workers,
+        args.limit_gb,
+        args.storage_retry_s,
+        args.max_retry,
+    )
+    result = chaos(options, Path(tempfile.mkdtemp(prefix="your_ai-chaos-")))
+    body = report(result, options, load_before)
+    record(
+        "Chaos: faults while sweeps share one PostgreSQL study",
+        command_line(),
+        body,
+        where=Path(args.output) if args.output else None,
+    )
+    sys.exit(1 if result["problems"] else 0)
 
 
 def figures(url: str, chaos: dict) -> dict:
@@ -447,18 +495,19 @@ def figures(url: str, chaos: dict) -> dict:
     }
 
 
-def report(url, chaos, reference, ref_wall, seed, limit, problems, args) -> None:
-    numbers = figures(url, chaos)
+def report(result: dict, options: Options, load_before: float) -> str:
+    numbers = result["figures"]
     events = [
         [f"{at:.1f}" if at is not None else "-", fault, detail]
-        for at, fault, detail in chaos["history"]
+        for at, fault, detail in result["history"]
     ]
-    body = "\n".join(
+    problems = result["problems"]
+    return "\n".join(
         [
-            f"seed {seed}; {args.sweeps} sweep commands × {args.workers} trial workers on one "
-            f"PostgreSQL study (loopback), memory limit {limit} GB, sweep.max_retry="
-            f"{args.max_retry}; the first sweep with sweep.storage_retry_s="
-            f"{args.storage_retry_s:g}; load average (1 min) {args.load_before:.2f} before the "
+            f"seed {options.seed}; {options.sweeps} sweep commands × {options.workers} trial "
+            f"workers on one PostgreSQL study (loopback), memory limit {result['limit_gb']} GB, "
+            f"sweep.max_retry={options.max_retry}; the first sweep with sweep.storage_retry_s="
+            f"{options.storage_retry_s:g}; load average (1 min) {load_before:.2f} before the "
             f"runs, {os.getloadavg()[0]:.2f} after",
             "",
             table(["s", "fault", "detail"], events),
@@ -467,15 +516,21 @@ def report(url, chaos, reference, ref_wall, seed, limit, problems, args) -> None
             "",
             "each grid point's trials (→: retried):",
             "",
-            *(f"    {line}" for line in trial_history(url, chaos["name"])),
+            *(f"    {line}" for line in result["trials"]),
             "",
             table(
                 ["", "wall s", "trials", "retried", "faults"],
                 [
-                    ["undisturbed", f"{ref_wall:.1f}", len(load(url, reference).trials), 0, 0],
+                    [
+                        "undisturbed",
+                        f"{result['ref_wall_s']:.1f}",
+                        len(result["reference"].trials),
+                        0,
+                        0,
+                    ],
                     [
                         "chaos (faults, then every sweep once more)",
-                        f"{chaos['wall_s']:.1f}",
+                        f"{result['wall_s']:.1f}",
                         numbers["trials"],
                         numbers["retried"],
                         numbers["faults"],
@@ -485,12 +540,6 @@ def report(url, chaos, reference, ref_wall, seed, limit, problems, args) -> None
             "",
             "checks: " + ("all hold" if not problems else "FAILED: " + "; ".join(problems)),
         ]
-    )
-    record(
-        "Chaos: faults while sweeps share one PostgreSQL study",
-        command_line(),
-        body,
-        where=Path(args.output) if args.output else None,
     )
 
 

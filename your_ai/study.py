@@ -241,8 +241,12 @@ def storage_error(err: BaseException) -> bool:
 
 def root_message(err: BaseException) -> str:
     """The first line of what first went wrong, under the wrappers."""
-    while err.__cause__ is not None or (err.__context__ is not None and not str(err)):
+    seen = {id(err)}
+    while (err.__cause__ or err.__context__) is not None:
         err = err.__cause__ or err.__context__
+        if id(err) in seen:
+            break
+        seen.add(id(err))
     orig = getattr(err, "orig", None) or err
     text = str(orig).strip()
     return text.splitlines()[0] if text else type(orig).__name__
