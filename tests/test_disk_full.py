@@ -117,7 +117,7 @@ def test_a_full_disk_stops_a_profile_and_keeps_the_previous_one(
 def test_a_full_disk_stops_the_sweep_and_its_rerun_continues_the_study(make_cfg, small_fs, capsys):
     db = small_fs / "optuna.db"
     url = f"sqlite:///{db}"
-    grid = [*SMALL_GRID, "sweep.steps=20", "sweep.study_name=full", "sweep.export=false"]
+    grid = [*SMALL_GRID, "sweep.steps=8", "sweep.study_name=full", "sweep.export=false"]
     cfg = make_cfg(*grid, f"sweep.storage={url}")
 
     def finished() -> int:

@@ -261,6 +261,7 @@ class StorageGuard:
 
     def __init__(self, url: str, retry_s: float, pause_s: float = 1.0):
         self.url, self.retry_s, self.pause_s = url, retry_s, pause_s
+        self.stop = threading.Event()  # set: the sweep is stopping; wait no longer
         self.down_since: float | None = None
         self.lock = threading.Lock()
         self.outages = 0  # how many times the storage was lost and came back
@@ -271,7 +272,11 @@ class StorageGuard:
                 result = fn(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - sorted below: retried, one line, or raised
                 self.failed(err)
-                time.sleep(self.pause_s)
+                if self.stop.wait(self.pause_s):
+                    raise UserError(
+                        f"sweep.storage={redact(self.url)}: unreachable ({root_message(err)}) "
+                        "as the sweep stopped"
+                    ) from None
                 continue
             self.reached()
             return result
@@ -446,8 +451,25 @@ def uses_heartbeat(storage) -> bool:
     return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
 
+# The trial each thread of this process works on (thread id -> trial id), set as `next_trial`
+# hands one over. A RUNNING trial of this process that no thread holds was lost between ask and
+# hand-over (the database went away mid-way): nobody will finish it, so it is given back.
+HELD: dict[int, int | None] = {}
+
+
+def lost_here(identity: dict, trial_id: int) -> bool:
+    mine = worker_identity()
+    return (
+        identity.get("pid") == mine["pid"]
+        and sees_processes_of(identity)
+        and is_alive(identity)
+        and trial_id not in HELD.values()
+    )
+
+
 def recover_dead_trials(study, max_retry: int, grace_s: float) -> list[int]:
-    """Fail and retry trials left RUNNING by sweeps that are gone; returns their numbers.
+    """Fail and retry trials left RUNNING by sweeps that are gone, and this process's own that
+    no thread holds; returns their numbers.
 
     Run it inside `claim_lock`, where no trial is between ask and claim.
     """
@@ -463,6 +485,11 @@ def recover_dead_trials(study, max_retry: int, grace_s: float) -> list[int]:
     now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(WORKER_ATTR)
+        if owner and lost_here(owner, t._trial_id):
+            # Not the point's fault: given back as an interrupted trial, spending no retry.
+            if give_back(study, t._trial_id, max_retry, interrupted=True):
+                recovered.append(t.number)
+            continue
         if owner:
             # Dead sweeps whose processes this one can see are known at once: no need to wait
             # for the grace period. Others' are left to their heartbeat.
@@ -530,6 +557,7 @@ def next_trial(study_, max_retry: int, grace_s: float):
     """(trial, recovered): the next trial of this process, claimed, or None when every grid
     point is held; `recovered` are the numbers of dead sweeps' trials queued again."""
     size = study_.sampler.size
+    HELD[threading.get_ident()] = None  # the thread's previous trial is finished
     with claim_lock(study_):
         recovered = recover_dead_trials(study_, max_retry, grace_s)
         waiting = study_.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -537,6 +565,7 @@ def next_trial(study_, max_retry: int, grace_s: float):
             return None, recovered
         trial = study_.ask()
         claim(study_, trial._trial_id)
+        HELD[threading.get_ident()] = trial._trial_id
     return trial, recovered
 
 

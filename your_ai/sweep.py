@@ -216,6 +216,7 @@ def run_workers(
         except BaseException as err:  # noqa: BLE001 - raised by the main thread below
             errors.append(err)
             stop.set()
+            guard.stop.set()
 
     threads = [
         threading.Thread(target=work, args=(w,), name=f"trial-worker-{i}", daemon=True)
@@ -229,6 +230,7 @@ def run_workers(
             time.sleep(0.2)
     except BaseException:
         stop.set()
+        guard.stop.set()  # a thread waiting for a lost database waits no longer
         for thread in threads:
             thread.join()
         raise
