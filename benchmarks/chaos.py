@@ -169,8 +169,12 @@ def inject(
                 continue
             detail = f"trial worker pid {pid} (trial {victim.number}, {describe(victim)})"
         elif fault in ("kill_sweep", "term_sweep"):
-            alive = sweeps.running()
-            proc = rng.choice(alive)
+            # A sweep at work (holding a trial), so the fault has something to lose.
+            busy = at_work(sweeps, name)
+            if not busy:
+                time.sleep(0.2)
+                continue
+            proc = rng.choice(busy)
             if fault == "kill_sweep":
                 proc.send_signal(signal.SIGKILL)
                 sweeps.procs.remove(proc)
@@ -183,6 +187,10 @@ def inject(
                 terminated.add(proc.pid)
                 detail = f"sweep {proc.index} (pid {proc.pid})"
         else:
+            # Every sweep at work: the one that waits less than the outage must give up.
+            if len(at_work(sweeps, name)) < len(sweeps.running()):
+                time.sleep(0.2)
+                continue
             down = rng.uniform(5, 10)
             postgres("halt", pgdir)
             time.sleep(down)
@@ -193,6 +201,18 @@ def inject(
     for at, fault in pending:
         history.append((None, fault, f"not injected (due at {at:.1f} s): the sweeps had ended"))
     return terminated
+
+
+def at_work(sweeps: Sweeps, name: str) -> list:
+    """The running sweeps that hold a trial in a worker's hands."""
+    from your_ai.study import WORKER_ATTR
+
+    owners = {
+        t.system_attrs.get(WORKER_ATTR, {}).get("pid")
+        for t in running_trials(sweeps.url, name)
+        if "worker_pid" in t.user_attrs
+    }
+    return [p for p in sweeps.running() if p.pid in owners]
 
 
 def describe(t) -> str:
