@@ -128,9 +128,10 @@ def running_trials(url: str, name: str) -> list:
 def inject(
     sweeps: Sweeps, name: str, faults: list, pgdir: Path, rng, history: list, tick: float
 ) -> set[int]:
-    """Fire each fault at its time (seconds from `tick`) while sweeps run; a fault whose target
-    is gone by then waits for one (a worker in a trial), up to the end of the run."""
+    """Fire each fault, in order, a seeded delay after the one before, once what it needs is
+    there (a worker in a trial, a sweep holding one), while any sweep runs."""
     pending = list(faults)
+    last = 0.0  # when the previous fault fired
     terminated = set()
     while pending and sweeps.running():
         for proc in list(sweeps.procs):
@@ -150,7 +151,8 @@ def inject(
                         f"exited {proc.returncode}: {last!r}; started again as pid {again.pid}",
                     )
                 )
-        at, fault = pending[0]
+        delay, fault = pending[0]
+        at = last + delay
         now = time.perf_counter() - tick
         if now < at:
             time.sleep(min(0.2, at - now))
@@ -187,8 +189,8 @@ def inject(
                 terminated.add(proc.pid)
                 detail = f"sweep {proc.index} (pid {proc.pid})"
         else:
-            # Every sweep at work: the one that waits less than the outage must give up.
-            if len(at_work(sweeps, name)) < len(sweeps.running()):
+            # The first sweep at work: it waits less than the outage lasts, so it must give up.
+            if 0 not in {p.index for p in at_work(sweeps, name)}:
                 time.sleep(0.2)
                 continue
             down = rng.uniform(5, 10)
@@ -197,9 +199,10 @@ def inject(
             postgres("restart", pgdir)
             detail = f"PostgreSQL stopped for {down:.1f} s and started again"
         history.append((started, fault, detail))
+        last = time.perf_counter() - tick
         pending.pop(0)
-    for at, fault in pending:
-        history.append((None, fault, f"not injected (due at {at:.1f} s): the sweeps had ended"))
+    for _, fault in pending:
+        history.append((None, fault, "not injected: the sweeps had ended"))
     return terminated
 
 
@@ -241,11 +244,11 @@ def run_chaos(
     per_sweep = [[f"sweep.workers={workers}"] for _ in range(sweeps_count)]
     per_sweep[0].append(f"sweep.storage_retry_s={storage_retry_s}")  # it gives up; the rest wait
     sweeps = Sweeps(workdir, url, [*overrides, f"sweep.study_name={name}"], per_sweep, env)
-    # The faults at random times over the first part of the undisturbed run's duration, so that
-    # each finds the sweeps still at work; SIGTERM last, so the others still have a sweep to hit.
-    times = sorted(rng.uniform(0.1, 0.6) * expected_s for _ in FAULTS)
+    # The faults in a seeded order, each a seeded delay (up to a tenth of the undisturbed run)
+    # after the one before, so that all of them find the sweeps at work; SIGTERM last, so the
+    # others still have a sweep to hit.
     kinds = [*rng.sample(FAULTS[:2] + FAULTS[3:], 3), "term_sweep"]
-    faults = list(zip(times, kinds, strict=True))
+    faults = [(rng.uniform(0.02, 0.1) * expected_s, kind) for kind in kinds]
     history: list = [(0.0, "hang", f"armed: {hang_file} (the next trial over its limit hangs)")]
     hang_file.touch()
     tick = time.perf_counter()

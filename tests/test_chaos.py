@@ -20,14 +20,14 @@ def test_chaos_loses_nothing(tmp_path, limited_sweep):
         # enough for a kill to find one under way.
         overrides=[
             *LIMITED_GRID,
-            "sweep.steps=20",
+            "sweep.steps=40",
             "sweep.early_stop=false",
             "sweep.margin=0",
             "sweep.export=true",
         ],
         limit_gb=limited_sweep.limit,
         reference=limited_sweep.limited,
-        expected_s=30,
+        expected_s=40,
     )
     print(f"chaos seed {SEED}")
     result = chaos.chaos(options, tmp_path)
