@@ -141,14 +141,14 @@ def inject(
                 sweeps.procs.remove(proc)
                 out, err = proc.communicate()
                 sweeps.outputs.append((proc.index, proc.returncode, out, err))
-                last = err.strip().splitlines()[-1] if err.strip() else ""
+                said = err.strip().splitlines()[-1] if err.strip() else ""
                 again = sweeps.start(proc.index)
                 history.append(
                     (
                         time.perf_counter() - tick,
                         "exit",
                         f"sweep {proc.index} (pid {proc.pid}) "
-                        f"exited {proc.returncode}: {last!r}; started again as pid {again.pid}",
+                        f"exited {proc.returncode}: {said!r}; started again as pid {again.pid}",
                     )
                 )
         delay, fault = pending[0]
