@@ -234,6 +234,7 @@ def run_chaos(
     seed: int,
     expected_s: float,
     storage_retry_s: float,
+    order: list[str] | None = None,
 ) -> dict:
     """The disturbed run; returns its study name, wall time, history and the sweeps' outputs."""
     rng = random.Random(seed)
@@ -247,7 +248,7 @@ def run_chaos(
     # The faults in a seeded order, each a seeded delay (up to a tenth of the undisturbed run)
     # after the one before, so that all of them find the sweeps at work; SIGTERM last, so the
     # others still have a sweep to hit.
-    kinds = [*rng.sample(FAULTS[:2] + FAULTS[3:], 3), "term_sweep"]
+    kinds = order or [*rng.sample(FAULTS[:2] + FAULTS[3:], 3), "term_sweep"]
     faults = [(rng.uniform(0.02, 0.1) * expected_s, kind) for kind in kinds]
     history: list = [(0.0, "hang", f"armed: {hang_file} (the next trial over its limit hangs)")]
     hang_file.touch()
@@ -414,6 +415,7 @@ class Options:
     max_retry: int = 3
     reference: object = None  # an undisturbed study of the grid and limit; None: run one
     expected_s: float | None = None  # how long the sweeps take undisturbed, if known
+    order: list[str] | None = None  # the faults' order; None: drawn from the seed
 
 
 def chaos(options: Options, workdir: Path) -> dict:
@@ -454,6 +456,7 @@ def chaos(options: Options, workdir: Path) -> dict:
             options.seed,
             ref_wall,
             options.storage_retry_s,
+            options.order,
         )
         result.update(
             problems=check(url, result["name"], reference, options.max_retry, result),

@@ -20,7 +20,7 @@ def test_chaos_loses_nothing(tmp_path, limited_sweep):
         # enough for a kill to find one under way.
         overrides=[
             *LIMITED_GRID,
-            "sweep.steps=40",
+            "sweep.steps=60",
             "sweep.early_stop=false",
             "sweep.margin=0",
             "sweep.export=true",
@@ -28,6 +28,10 @@ def test_chaos_loses_nothing(tmp_path, limited_sweep):
         limit_gb=limited_sweep.limit,
         reference=limited_sweep.limited,
         expected_s=40,
+        # The database first, while the sweep that gives up on it surely holds a trial; each
+        # sweep killed later is back at work after a model load, which a small grid may not
+        # wait for.
+        order=["stop_database", "kill_worker", "kill_sweep", "term_sweep"],
     )
     print(f"chaos seed {SEED}")
     result = chaos.chaos(options, tmp_path)
