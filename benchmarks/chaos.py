@@ -158,8 +158,14 @@ def inject(
             time.sleep(min(0.2, at - now))
             continue
         started = now
+        # The hung trial is left alone, so that its timeout fires.
+        hung = hung_worker(sweeps)
         if fault == "kill_worker":
-            holders = [t for t in running_trials(sweeps.url, name) if "worker_pid" in t.user_attrs]
+            holders = [
+                t
+                for t in running_trials(sweeps.url, name)
+                if "worker_pid" in t.user_attrs and t.user_attrs["worker_pid"] != hung
+            ]
             if not holders:
                 time.sleep(0.2)
                 continue
@@ -172,7 +178,7 @@ def inject(
             detail = f"trial worker pid {pid} (trial {victim.number}, {describe(victim)})"
         elif fault in ("kill_sweep", "term_sweep"):
             # A sweep at work (holding a trial), so the fault has something to lose.
-            busy = at_work(sweeps, name)
+            busy = at_work(sweeps, name, exclude_worker=hung)
             if not busy:
                 time.sleep(0.2)
                 continue
@@ -206,16 +212,30 @@ def inject(
     return terminated
 
 
-def at_work(sweeps: Sweeps, name: str) -> list:
-    """The running sweeps that hold a trial in a worker's hands."""
+def at_work(sweeps: Sweeps, name: str, exclude_worker: int | None = None) -> list:
+    """The running sweeps that hold a trial in a worker's hands (but for the sweep of
+    `exclude_worker`)."""
     from your_ai.study import WORKER_ATTR
 
-    owners = {
+    trials = [t for t in running_trials(sweeps.url, name) if "worker_pid" in t.user_attrs]
+    owners = {t.system_attrs.get(WORKER_ATTR, {}).get("pid") for t in trials}
+    excluded = {
         t.system_attrs.get(WORKER_ATTR, {}).get("pid")
-        for t in running_trials(sweeps.url, name)
-        if "worker_pid" in t.user_attrs
+        for t in trials
+        if t.user_attrs["worker_pid"] == exclude_worker
     }
-    return [p for p in sweeps.running() if p.pid in owners]
+    return [p for p in sweeps.running() if p.pid in owners - excluded]
+
+
+def hung_worker(sweeps: Sweeps) -> int | None:
+    """The trial worker the test hook made hang, until the sweep's timeout kills it."""
+    marker = Path(f"{sweeps.env.get('YOUR_AI_TEST_HANG_FILE')}.hung")
+    try:
+        pid = int(marker.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
 
 
 def describe(t) -> str:

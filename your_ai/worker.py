@@ -7,8 +7,8 @@ nothing about the point: its trial is measured again. What crosses the pipe is o
 records below, never a bare tuple.
 
 Test hook: with `YOUR_AI_TEST_HANG_FILE` set in a worker's environment, the first trial (of any
-worker) to pass its memory limit while that file exists removes the file and hangs after
-reporting that step, as MLX's CUDA backend can when memory runs out, so the sweep's timeout
+worker) to pass its memory limit while that file exists removes the file, writes its pid to
+`<file>.hung` and hangs after reporting that step, as MLX's CUDA backend can when memory runs out, so the sweep's timeout
 fires. Only the worker reads it; the chaos run and its test set it.
 """
 
@@ -165,6 +165,7 @@ def hang_over_limit(send: Callable, limits: Limits, hook: str | None) -> Callabl
                 os.unlink(hook)  # one worker wins: the file is removed once
             except FileNotFoundError:
                 return
+            Path(f"{hook}.hung").write_text(f"{os.getpid()}\n")  # which worker, for the test
             while True:  # the step was reported; the next never is
                 time.sleep(3600)
 
