@@ -8,8 +8,8 @@ records below, never a bare tuple.
 
 Test hook: with `YOUR_AI_TEST_HANG_FILE` set in a worker's environment, the first trial (of any
 worker) to pass its memory limit while that file exists removes the file, writes its pid to
-`<file>.hung` and hangs after reporting that step, as MLX's CUDA backend can when memory runs out, so the sweep's timeout
-fires. Only the worker reads it; the chaos run and its test set it.
+`<file>.hung` and hangs after reporting that step, as MLX's CUDA backend can when memory runs
+out, so the sweep's timeout fires. Only the worker reads it; the chaos run and its test set it.
 """
 
 import ctypes
