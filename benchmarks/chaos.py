@@ -464,7 +464,7 @@ def chaos(options: Options, workdir: Path) -> dict:
                 env,
             )
             ref_wall = run_undisturbed(ref_sweeps)
-            reference = load(url, name)
+            reference = name  # loaded after the chaos: the server restarts under a loaded one
             print(f"undisturbed run: {ref_wall:.1f} s", flush=True)
         result = run_chaos(
             pgdir / "db",
@@ -478,6 +478,8 @@ def chaos(options: Options, workdir: Path) -> dict:
             options.storage_retry_s,
             options.order,
         )
+        if isinstance(reference, str):
+            reference = load(url, reference)
         result.update(
             problems=check(url, result["name"], reference, options.max_retry, result),
             reference=reference,
