@@ -267,9 +267,9 @@ def run(cfg: DictConfig, out=None) -> dict:
     for worker in workers:
         worker.launch()  # it loads the model while the storage opens
     try:
-        # A database that is away as the sweep starts is waited for as during it.
-        guard = study.StorageGuard(url, float(cfg.sweep.storage_retry_s))
-        storage = guard(study.open_storage, url, cfg.sweep)
+        # A database out of reach as the sweep starts is one line at once (a mistyped URL reads
+        # the same); one lost later is waited for (`guard`).
+        storage = study.open_storage(url, cfg.sweep)
         info = workers[0].wait_ready()
         for worker in workers[1:]:
             other = worker.wait_ready()
@@ -287,9 +287,9 @@ def run(cfg: DictConfig, out=None) -> dict:
         max_gb = memory_limit_gb(cfg, info)
         name = config.study_name(cfg)
         settings = config.study_settings(cfg, space, info, max_gb)
-        st = guard(study.open_study, storage, url, name, settings, space, int(cfg.sweep.max_retry))
-        device = {k: info[k] for k in ("backend", "name", "memory_gb", "id")}
-        guard(st.set_user_attr, "device", device)
+        st = study.open_study(storage, url, name, settings, space, int(cfg.sweep.max_retry))
+        st.set_user_attr("device", {k: info[k] for k in ("backend", "name", "memory_gb", "id")})
+        guard = study.StorageGuard(url, float(cfg.sweep.storage_retry_s))
         print(console.header(cfg, info, settings, st.sampler.size, name, url), file=out)
         if len(workers) > 1:
             print(console.workers_line(workers), file=out)
