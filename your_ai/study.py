@@ -26,7 +26,13 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    PendingRollbackError,
+    SQLAlchemyError,
+)
 
 from your_ai.errors import UserError
 from your_ai.record import AXES, score
@@ -204,6 +210,9 @@ def connection_lost(err: BaseException) -> bool:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
+        # A session whose connection dropped mid-transaction refuses to go on until rolled back.
+        if isinstance(err, DisconnectionError | PendingRollbackError):
+            return True
         if isinstance(err, DBAPIError):
             if err.connection_invalidated:
                 return True
