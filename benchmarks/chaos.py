@@ -427,7 +427,11 @@ def choose_limit(url: str, workdir: Path, overrides: list[str], env: dict) -> fl
         for t in load(url, name).trials
         if t.state.name == "COMPLETE"
     }
-    return round(limit_in_a_gap(peaks, gap_mb=0.03 * statistics.median(peaks.values())) / 1000, 4)
+    try:
+        limit = limit_in_a_gap(peaks, gap_mb=0.03 * statistics.median(peaks.values()))
+    except ValueError:  # no gap that wide: the widest there is
+        limit = limit_in_a_gap(peaks)
+    return round(limit / 1000, 4)
 
 
 @dataclass
