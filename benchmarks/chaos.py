@@ -159,8 +159,10 @@ def inject(
             time.sleep(min(0.2, at - now))
             continue
         started = now
-        # The hung trial is left alone, so that its timeout fires.
+        # The hung trial is left alone, so that its timeout fires; should its sweep end first
+        # (the database's outage), the hook is armed again for the point's next trial.
         hung = hung_worker(sweeps)
+        rearm(sweeps, name, history, tick)
         if fault == "kill_worker":
             holders = [
                 t
@@ -226,6 +228,24 @@ def at_work(sweeps: Sweeps, name: str, exclude_worker: int | None = None) -> lis
         if t.user_attrs["worker_pid"] == exclude_worker
     }
     return [p for p in sweeps.running() if p.pid in owners - excluded]
+
+
+def rearm(sweeps: Sweeps, name: str, history: list, tick: float) -> None:
+    hook = Path(sweeps.env["YOUR_AI_TEST_HANG_FILE"])
+    marker = Path(f"{hook}.hung")
+    if not marker.exists() or hung_worker(sweeps) is not None:
+        return
+    try:
+        st = load(sweeps.url, name)
+        timed_out = any(str(t.user_attrs.get("reason", "")).startswith("timed") for t in st.trials)
+    except Exception:  # noqa: BLE001 - the database is away: look again later
+        return
+    if not timed_out:
+        marker.unlink()
+        hook.touch()
+        history.append(
+            (time.perf_counter() - tick, "hang", "armed again: the hung worker died first")
+        )
 
 
 def hung_worker(sweeps: Sweeps) -> int | None:
