@@ -12,7 +12,8 @@ import optuna
 import pytest
 
 from tests.conftest import ROOT, command, isolated, refused, run_command, with_overrides
-from your_ai import sweep, train
+from your_ai import preload, sweep, train
+from your_ai.errors import UserError
 
 
 def run(module, tmp, *overrides):
@@ -46,6 +47,9 @@ def digest(path) -> str:
         (["sweep.steps=abc"], "error: sweep.steps=abc must be an integer >= 1"),
         (["sweep.margin=x"], "error: sweep.margin=x must be a number in [0, 1)"),
         (["sweep.heartbeat_interval_s=0"], "error: sweep.heartbeat_interval_s=0 must be >= 1"),
+        (["sweep.workers=0"], "error: sweep.workers=0 must be >= 1"),
+        (["sweep.storage_retry_s=-1"], "error: sweep.storage_retry_s=-1 must be >= 0"),
+        (["sweep.devices=2"], "error: sweep.devices=2 must be a list of CUDA devices, as [0,1]"),
         (
             ["training.grad_accumulation=4"],
             "error: training.grad_accumulation=4 does not divide sweep.grid.batch_size [2]",
@@ -95,6 +99,23 @@ def digest(path) -> str:
 )
 def test_sweep_refuses_bad_settings(make_cfg, capsys, overrides, message):
     assert refused(sweep.run, make_cfg(*overrides), capsys) == message
+
+
+def test_more_trial_workers_than_cuda_devices_is_refused(make_cfg, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    two = make_cfg("sweep.workers=2").sweep
+    assert preload.worker_devices(two, cuda=True) == ["2", "3"]  # one device each
+    chosen = make_cfg("sweep.workers=2", "sweep.devices=[5,1,7]").sweep
+    assert preload.worker_devices(chosen, cuda=True) == ["5", "1"]
+    with pytest.raises(UserError) as err:
+        preload.worker_devices(make_cfg("sweep.workers=3").sweep, cuda=True)
+    assert str(err.value) == (
+        "sweep.workers=3 needs one CUDA device per worker; visible CUDA devices: 2, 3 (2)"
+    )
+    # The CPU and Metal: the workers share the one device, which sweep.devices cannot choose.
+    assert preload.worker_devices(make_cfg("sweep.workers=3").sweep, cuda=False) == [None] * 3
+    with pytest.raises(UserError, match=r"^sweep.devices=\[0\]: MLX runs on the CPU or Metal"):
+        preload.worker_devices(make_cfg("sweep.devices=[0]").sweep, cuda=False)
 
 
 def test_memory_limit_below_the_loaded_models_footprint(make_cfg, capsys):

@@ -238,6 +238,13 @@ def check_sweep(cfg: DictConfig) -> dict:
     for key in ("heartbeat_interval_s", "grace_period_s"):
         integer(cfg, f"sweep.{key}", 1)  # Optuna's heartbeat takes whole seconds
     integer(cfg, "sweep.max_retry", 0)
+    integer(cfg, "sweep.workers", 1)
+    number(cfg, "sweep.storage_retry_s", 0)
+    devices = _value(cfg, "sweep.devices")
+    if devices is not None and (
+        isinstance(devices, str | int) or not all(isinstance(d, int | str) for d in devices)
+    ):
+        raise UserError(f"sweep.devices={devices} must be a list of CUDA devices, as [0,1]")
     for key in ("worker_start_timeout_s", "first_step_timeout_s", "min_step_timeout_s"):
         number(cfg, f"sweep.{key}", 0, above=True)
     number(cfg, "sweep.step_timeout_factor", 0, above=True)

@@ -35,6 +35,16 @@ def header(cfg, info: dict, settings: dict, size: int, name: str, url: str) -> s
     )
 
 
+def workers_line(workers) -> str:
+    """The trial workers of a sweep that runs several: their processes and devices."""
+    each = ", ".join(
+        f"pid {w.info.get('pid')}" + ("" if w.device is None else f" on CUDA device {w.device}")
+        for w in workers
+    )
+    shared = "" if workers[0].device is not None else f", sharing the {workers[0].info['backend']}"
+    return f"{len(workers)} trial workers{shared}: {each}"
+
+
 def summarize(st, out, max_retry: int, this_run: dict) -> dict:
     """Print what the study found (and what this run added to it); returns the same."""
     trials = study.measured_grid_trials(st)

@@ -111,6 +111,19 @@ def high_water_resettable() -> bool:
         return False
 
 
+def oom_kills() -> int | None:
+    """Processes the kernel's out-of-memory killer has killed since boot (Linux's
+    /proc/vmstat, a cgroup's own kills included); None where it is not kept. A SIGKILL with no
+    new kill counted came from someone else: an operator, a scheduler."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def rss_bytes(pid: int | None = None) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 

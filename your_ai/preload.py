@@ -96,6 +96,52 @@ def child_env(cfg) -> dict[str, str]:
     }
 
 
+def cuda_devices() -> list[str]:
+    """The CUDA devices this process may use: CUDA_VISIBLE_DEVICES's entries where it is set,
+    else every device NVML lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # noqa: BLE001 - no driver, no NVML: no device to give out
+        return []
+
+
+def worker_devices(sweep, cuda: bool | None = None) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each of `sweep.workers` trial workers: one CUDA device each (from
+    `sweep.devices`, else every device this process may use); None (the device shared, the
+    environment as inherited) on the CPU and Metal, and for a single worker left to its
+    environment."""
+    from your_ai.errors import UserError
+
+    workers = int(sweep.workers)
+    cuda = cuda_build_installed() if cuda is None else cuda
+    chosen = sweep.devices
+    if not cuda:
+        if chosen is not None:
+            raise UserError(
+                f"sweep.devices={list(chosen)}: MLX runs on the CPU or Metal here, where trial "
+                "workers share the one device; leave sweep.devices unset"
+            )
+        return [None] * workers
+    if chosen is None and workers == 1:
+        return [None]
+    devices = [str(d) for d in chosen] if chosen is not None else cuda_devices()
+    if len(set(devices)) != len(devices):
+        raise UserError(f"sweep.devices={devices} names a device twice")
+    if workers > len(devices):
+        where = "sweep.devices" if chosen is not None else "visible CUDA devices"
+        raise UserError(
+            f"sweep.workers={workers} needs one CUDA device per worker; {where}: "
+            f"{', '.join(devices) or 'none'} ({len(devices)})"
+        )
+    return devices[:workers]
+
+
 def restart(cfg, module: str) -> int | None:
     """Run this Hydra job again in a process started with the preloads `cfg` asks for, when this
     one lacks them: None when it has them, else the job's exit status. A single run replaces

@@ -106,7 +106,7 @@ class Step:
 class Measurement:
     """One trial as a worker measured it (bytes and seconds, unrounded)."""
 
-    state: str  # complete | pruned | failed
+    state: str  # complete | pruned | failed | killed (from outside, not for memory: retried)
     steps_run: int = 0
     memory: bool = False  # pruned for memory (over the limit, out of memory, died, hung)
     reason: str | None = None

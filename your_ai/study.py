@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import socket
+import threading
 import time
 import warnings
 import zlib
@@ -25,7 +26,13 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    PendingRollbackError,
+    SQLAlchemyError,
+)
 
 from your_ai.errors import UserError
 from your_ai.record import ALL_AXES, LENGTH, LENGTH_AXIS, axis_names, ranking, weight
@@ -196,6 +203,128 @@ def open_storage(url: str, sweep) -> optuna.storages.BaseStorage:
         ) from None
 
 
+def connection_lost(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) says the database could not be reached: the server
+    stopped, restarting or out of reach. A refusal the database would repeat (a full disk, a
+    constraint, SQLite's own errors) is not: retrying it only delays the error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        # A session whose connection dropped mid-transaction refuses to go on until rolled back.
+        if isinstance(err, DisconnectionError | PendingRollbackError):
+            return True
+        if isinstance(err, DBAPIError):
+            if err.connection_invalidated:
+                return True
+            orig = err.orig
+            if (
+                type(orig).__module__.startswith("psycopg")
+                and type(orig).__name__
+                in (
+                    "OperationalError",
+                    "InterfaceError",
+                    "AdminShutdown",
+                    "CannotConnectNow",
+                    "CrashShutdown",
+                )
+                or isinstance(orig, ConnectionError)
+            ):
+                # No SQLSTATE: the client could not reach the server; class 08 is a connection
+                # exception, 57P the server shutting down or starting up.
+                code = getattr(orig, "sqlstate", None)
+                return code is None or code.startswith(("08", "57P"))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def storage_error(err: BaseException) -> bool:
+    """Raised by the storage itself (its driver, SQLAlchemy, Optuna's wrapper, a journal file)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def root_message(err: BaseException) -> str:
+    """The first line of what first went wrong, under the wrappers."""
+    seen = {id(err)}
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+        if id(err) in seen:
+            break
+        seen.add(id(err))
+    orig = getattr(err, "orig", None) or err
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__
+
+
+class StorageGuard:
+    """What a sweep asks of its storage, retried while the database is out of reach, for up to
+    `sweep.storage_retry_s` from the first failure; past that, and at once for any error the
+    database would repeat (a full disk), one line naming the storage. The study is left as the
+    database last committed it: a rerun continues it (a trial this sweep held is recovered
+    there as a dead sweep's)."""
+
+    def __init__(self, url: str, retry_s: float, pause_s: float = 1.0):
+        self.url, self.retry_s, self.pause_s = url, retry_s, pause_s
+        self.stop = threading.Event()  # set: the sweep is stopping; wait no longer
+        self.down_since: float | None = None
+        self.lock = threading.Lock()
+        self.outages = 0  # how many times the storage was lost and came back
+
+    def __call__(self, fn, *args, **kwargs):
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - sorted below: retried, one line, or raised
+                self.failed(err)
+                if self.stop.wait(self.pause_s):
+                    raise UserError(
+                        f"sweep.storage={redact(self.url)}: unreachable ({root_message(err)}) "
+                        "as the sweep stopped"
+                    ) from None
+                continue
+            self.reached()
+            return result
+
+    def tolerate(self, fn, *args, **kwargs) -> None:
+        """Call `fn` once; a lost database is noted (and is an error only once it has been lost
+        for longer than allowed), not waited for: a heartbeat can be skipped, a trial goes on."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - as in __call__
+            self.failed(err)
+            return
+        self.reached()
+
+    def reached(self) -> None:
+        with self.lock:
+            if self.down_since is not None:
+                self.outages += 1
+            self.down_since = None
+
+    def failed(self, err: Exception) -> None:
+        where = f"sweep.storage={redact(self.url)}"
+        if not connection_lost(err):
+            if storage_error(err):
+                raise UserError(f"{where}: the storage refused ({root_message(err)})") from err
+            raise err
+        now = time.monotonic()
+        with self.lock:
+            if self.down_since is None:
+                self.down_since = now
+            down_s = now - self.down_since
+        if down_s > self.retry_s:
+            raise UserError(
+                f"{where}: unreachable for {down_s:.0f} s (sweep.storage_retry_s="
+                f"{self.retry_s:g}; {root_message(err)}); run the sweep again to continue the "
+                "study"
+            ) from None
+
+
 def describe_differences(stored: dict, current: dict) -> str:
     keys = sorted(set(stored) | set(current))
     diffs = [
@@ -331,8 +460,25 @@ def uses_heartbeat(storage) -> bool:
     return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
 
+# The trial each thread of this process works on (thread id -> trial id), set as `next_trial`
+# hands one over. A RUNNING trial of this process that no thread holds was lost between ask and
+# hand-over (the database went away mid-way): nobody will finish it, so it is given back.
+HELD: dict[int, int | None] = {}
+
+
+def lost_here(identity: dict, trial_id: int) -> bool:
+    mine = worker_identity()
+    return (
+        identity.get("pid") == mine["pid"]
+        and sees_processes_of(identity)
+        and is_alive(identity)
+        and trial_id not in HELD.values()
+    )
+
+
 def recover_dead_trials(study, max_retry: int, grace_s: float) -> list[int]:
-    """Fail and retry trials left RUNNING by sweeps that are gone; returns their numbers.
+    """Fail and retry trials left RUNNING by sweeps that are gone, and this process's own that
+    no thread holds; returns their numbers.
 
     Run it inside `claim_lock`, where no trial is between ask and claim.
     """
@@ -342,11 +488,17 @@ def recover_dead_trials(study, max_retry: int, grace_s: float) -> list[int]:
         # Other hosts' dead workers: their heartbeat stopped longer than the grace period ago.
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        recovered.extend(sorted(before - after))
+        # Failed now, not merely no longer running: another worker may have finished one since.
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        recovered.extend(sorted(before & after))
     now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(WORKER_ATTR)
+        if owner and lost_here(owner, t._trial_id):
+            # Not the point's fault: given back as an interrupted trial, spending no retry.
+            if give_back(study, t._trial_id, max_retry, interrupted=True):
+                recovered.append(t.number)
+            continue
         if owner:
             # Dead sweeps whose processes this one can see are known at once: no need to wait
             # for the grace period. Others' are left to their heartbeat.
@@ -439,6 +591,7 @@ def next_trial(study_, max_retry: int, grace_s: float):
     """(trial, recovered): the next trial of this process, claimed, or None when every grid
     point is held; `recovered` are the numbers of dead sweeps' trials queued again."""
     size = study_.sampler.size
+    HELD[threading.get_ident()] = None  # the thread's previous trial is finished
     with claim_lock(study_):
         recovered = recover_dead_trials(study_, max_retry, grace_s)
         waiting = study_.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -446,6 +599,7 @@ def next_trial(study_, max_retry: int, grace_s: float):
             return None, recovered
         trial = study_.ask()
         claim(study_, trial._trial_id)
+        HELD[threading.get_ident()] = trial._trial_id
     return trial, recovered
 
 
@@ -460,17 +614,22 @@ def give_back_trial(study_, trial, max_retry: int, interrupted: bool) -> bool:
 
 
 class Heartbeat:
-    """Tells the storage this sweep is alive, so other workers do not retake its trial."""
+    """Tells the storage this sweep is alive, so other workers do not retake its trial. While
+    the database is out of reach the trial goes on and beats are skipped (`guard`)."""
 
-    def __init__(self, study_, trial, interval: float):
+    def __init__(self, study_, trial, interval: float, guard: StorageGuard | None = None):
         self.storage, self.trial_id = study_._storage, trial._trial_id
         self.enabled = uses_heartbeat(self.storage) and interval > 0
         self.interval, self.last = interval, 0.0
+        self.guard = guard
 
     def __call__(self) -> None:
         now = time.monotonic()
         if self.enabled and now - self.last >= self.interval:
-            self.storage.record_heartbeat(self.trial_id)
+            if self.guard is None:
+                self.storage.record_heartbeat(self.trial_id)
+            else:
+                self.guard.tolerate(self.storage.record_heartbeat, self.trial_id)
             self.last = now
 
 

@@ -12,6 +12,7 @@ stored as a `TrialRecord` (`record`) and printed (`console`).
 
 import signal
 import sys
+import threading
 import time
 
 import hydra
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from your_ai import CONF_DIR, config, console, export, record, report, study
+from your_ai import CONF_DIR, config, console, export, preload, record, report, study
 from your_ai.errors import UserError, exit_on_user_error, terminate
 from your_ai.record import Limits, TrialRecord
 from your_ai.worker import Worker
@@ -34,18 +35,46 @@ class TrialError(UserError):
     would fail every point the same way, so the sweep stops rather than record them as failed."""
 
 
-def measure_or_skip(cfg: DictConfig, st, trial, params: dict, worker: Worker, limits: Limits):
+class Stopped(Exception):
+    """Another trial worker of this sweep stopped it (Ctrl-C, SIGTERM, an error): this one gives
+    its trial back, as an interrupted sweep does."""
+
+
+def measure_or_skip(
+    cfg: DictConfig,
+    st,
+    trial,
+    params: dict,
+    worker: Worker,
+    limits: Limits,
+    guard: study.StorageGuard,
+    stop: threading.Event,
+):
     """The record of one grid point: pruned unrun when a pruned point is no larger on any axis,
-    else measured by the worker. None when the point is not this trial's to measure."""
+    else measured by the worker. A worker killed from outside (not for memory) gives None: the
+    point is measured again."""
     if st.user_attrs["settings"]["dominance"]:
-        dominator = study.dominating_trial(st, params)
+        dominator = guard(study.dominating_trial, st, params)
         if dominator is not None:
             return TrialRecord.dominated(params, dominator.number, dominator.params)
-    beat = study.Heartbeat(st, trial, float(cfg.sweep.heartbeat_interval_s))
-    measured = worker.run(params, limits, beat)
+    beat = study.Heartbeat(st, trial, float(cfg.sweep.heartbeat_interval_s), guard)
+
+    def heartbeat() -> None:
+        if stop.is_set():
+            raise Stopped
+        beat()
+
+    if not worker.alive:
+        worker.start(heartbeat)
+    # Which process measures it: what a kill from outside is traced back to.
+    guard(trial.set_user_attr, "worker_pid", worker.info["pid"])
+    measured = worker.run(params, limits, heartbeat)
+    if measured.state == "killed":
+        guard(trial.set_user_attr, "reason", measured.reason)
+        return None
     if measured.state == "failed":
-        trial.set_user_attr("reason", measured.reason)
-        trial.set_user_attr("traceback", measured.traceback[-TRACEBACK_CHARS:])
+        guard(trial.set_user_attr, "reason", measured.reason)
+        guard(trial.set_user_attr, "traceback", measured.traceback[-TRACEBACK_CHARS:])
         first_line = (measured.reason.strip().splitlines() or ["error"])[0]
         raise TrialError(
             f"[trial {trial.number}] {record.describe_params(params)}: {first_line} (not a "
@@ -55,14 +84,8 @@ def measure_or_skip(cfg: DictConfig, st, trial, params: dict, worker: Worker, li
     return TrialRecord.measured(measured, params, worker.info, limits)
 
 
-def run_trials(cfg: DictConfig, st, worker: Worker, limits: Limits, out) -> dict:
-    """Take grid points until every one is measured; returns what this run measured."""
-    space = study.grid_space(st)
-    max_retry = int(cfg.sweep.max_retry)
-    grace_s = float(cfg.sweep.grace_period_s)
-    objective = str(cfg.sweep.objective)
-    counts = {"measured": 0, "dominated": 0}
-    bar = tqdm(
+def progress_bar(st) -> tqdm:
+    return tqdm(
         total=st.sampler.size,
         initial=len(study.measured_grid_trials(st)),
         desc="sweep",
@@ -71,40 +94,79 @@ def run_trials(cfg: DictConfig, st, worker: Worker, limits: Limits, out) -> dict
         dynamic_ncols=True,
         disable=None,
     )
+
+
+def run_trials(
+    cfg: DictConfig,
+    st,
+    worker: Worker,
+    limits: Limits,
+    out,
+    guard: study.StorageGuard | None = None,
+    stop: threading.Event | None = None,
+    bar: tqdm | None = None,
+) -> dict:
+    """Take grid points until every one is measured; returns what this worker measured.
+
+    Every call on the storage goes through `guard`, so a database that goes away for a while is
+    waited for; `stop` ends the loop (another worker of this sweep stopped)."""
+    guard = guard or study.StorageGuard(str(cfg.sweep.storage), float(cfg.sweep.storage_retry_s))
+    stop = stop or threading.Event()
+    space = study.grid_space(st)
+    max_retry = int(cfg.sweep.max_retry)
+    grace_s = float(cfg.sweep.grace_period_s)
+    objective = str(cfg.sweep.objective)
+    counts = {"measured": 0, "dominated": 0, "killed": 0}
+    own_bar = bar is None
+    bar = progress_bar(st) if own_bar else bar
     waiting_said = False
     trial = None
     try:
         while True:
-            trial, recovered = study.next_trial(st, max_retry, grace_s)
+            if stop.is_set():
+                raise Stopped
+            trial = None
+            trial, recovered = guard(study.next_trial, st, max_retry, grace_s)
             if recovered:
                 tqdm.write(f"retrying trials of a sweep that died: {recovered}", file=out)
             if trial is None:
-                running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                running = guard(st.get_trials, deepcopy=False, states=(TrialState.RUNNING,))
                 if not running:
                     break
                 # Wait for other workers: if one dies, its trial comes back to be measured.
                 if not waiting_said:
                     tqdm.write(f"waiting for {len(running)} trial(s) of other workers", file=out)
                     waiting_said = True
-                time.sleep(2.0)
-                bar.n = len(study.measured_grid_trials(st))
+                stop.wait(2.0)
+                bar.n = len(guard(study.measured_grid_trials, st))
                 bar.refresh()
                 continue
-            grid_id, surplus = study.grid_point(st, trial)
+            grid_id, surplus = guard(study.grid_point, st, trial)
             if surplus:
-                st.tell(trial, state=TrialState.FAIL)
+                guard(st.tell, trial, state=TrialState.FAIL)
                 continue
-            params = {name: trial.suggest_categorical(name, space[name]) for name in sorted(space)}
-            holder = study.held_grid_ids(st, max_retry, exclude=trial.number).get(grid_id)
+            params = {
+                name: guard(trial.suggest_categorical, name, space[name]) for name in sorted(space)
+            }
+            holder = guard(study.held_grid_ids, st, max_retry, exclude=trial.number).get(grid_id)
             if holder is not None and holder < trial.number:
-                trial.set_user_attr("duplicate_of", holder)
-                st.tell(trial, state=TrialState.FAIL)
+                guard(trial.set_user_attr, "duplicate_of", holder)
+                guard(st.tell, trial, state=TrialState.FAIL)
                 continue
-            result = measure_or_skip(cfg, st, trial, params, worker, limits)
+            result = measure_or_skip(cfg, st, trial, params, worker, limits, guard, stop)
+            if result is None:
+                counts["killed"] += 1
+                tqdm.write(
+                    f"[trial {trial.number}] {record.describe_params(params)}: its worker was "
+                    "killed from outside (not for memory); measured again",
+                    file=out,
+                )
+                guard(study.give_back_trial, st, trial, max_retry, False)
+                continue
             attrs = result.attrs()
             counts["dominated" if result.dominated_by is not None else "measured"] += 1
             state = STATES.get(result.state, TrialState.FAIL)
-            if not study.store(st, trial, attrs, state, attrs.get(objective)):
+            if not guard(study.store, st, trial, attrs, state, attrs.get(objective)):
                 tqdm.write(
                     f"[trial {trial.number}] was failed by another worker (its heartbeat was "
                     "late) and is measured again there; this result is dropped",
@@ -112,19 +174,72 @@ def run_trials(cfg: DictConfig, st, worker: Worker, limits: Limits, out) -> dict
                 )
                 continue
             tqdm.write(console.trial_line(trial.number, params, attrs), file=out)
-            bar.n = len(study.measured_grid_trials(st))
+            bar.n = len(guard(study.measured_grid_trials, st))
             bar.refresh()
     except BaseException as err:
         if trial is not None:
             # Give the trial back so the next run measures it (a no-op once it is finished).
             # Stopping the sweep on purpose, or for an error in the config or the code, says
             # nothing about the point: no retry is spent.
-            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit, UserError))
-            study.give_back_trial(st, trial, max_retry, interrupted)
+            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit, UserError, Stopped))
+            try:
+                study.give_back_trial(st, trial, max_retry, interrupted)
+            except Exception:  # noqa: BLE001 - the storage is gone: the rerun recovers the trial
+                pass
+        raise
+    finally:
+        if own_bar:
+            bar.close()
+    return counts
+
+
+def run_workers(
+    cfg: DictConfig, st, workers: list[Worker], limits: Limits, out, guard: study.StorageGuard
+) -> dict:
+    """`run_trials` in one thread per trial worker, all on the one study (whose storage hands
+    each its own grid points, as it does to separate sweeps). Ctrl-C, SIGTERM or one worker's
+    error stops them all, each giving its trial back; the first error is raised."""
+    bar = progress_bar(st)
+    if len(workers) == 1:
+        try:
+            return run_trials(cfg, st, workers[0], limits, out, guard, bar=bar)
+        finally:
+            bar.close()
+    stop = threading.Event()
+    counts: list[dict] = []
+    errors: list[BaseException] = []
+
+    def work(worker: Worker) -> None:
+        try:
+            counts.append(run_trials(cfg, st, worker, limits, out, guard, stop, bar))
+        except Stopped:
+            pass
+        except BaseException as err:  # noqa: BLE001 - raised by the main thread below
+            errors.append(err)
+            stop.set()
+            guard.stop.set()
+
+    threads = [
+        threading.Thread(target=work, args=(w,), name=f"trial-worker-{i}", daemon=True)
+        for i, w in enumerate(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        # Signals reach the main thread only: it waits here, where Ctrl-C and SIGTERM land.
+        while any(thread.is_alive() for thread in threads):
+            time.sleep(0.2)
+    except BaseException:
+        stop.set()
+        guard.stop.set()  # a thread waiting for a lost database waits no longer
+        for thread in threads:
+            thread.join()
         raise
     finally:
         bar.close()
-    return counts
+    if errors:
+        raise errors[0]
+    return {key: sum(c[key] for c in counts) for key in ("measured", "dominated", "killed")}
 
 
 def memory_limit_gb(cfg: DictConfig, info: dict) -> float:
@@ -149,11 +264,21 @@ def run(cfg: DictConfig, out=None) -> dict:
     out = sys.stdout if out is None else out  # now, not at import: the job log's tee
     space = config.check_sweep(cfg)
     url = str(cfg.sweep.storage)
-    worker = Worker(cfg)
-    worker.launch()  # it loads the model while the storage opens
+    workers = [Worker(cfg, device) for device in preload.worker_devices(cfg.sweep)]
+    for worker in workers:
+        worker.launch()  # it loads the model while the storage opens
     try:
+        # A database out of reach as the sweep starts is one line at once (a mistyped URL reads
+        # the same); one lost later is waited for (`guard`).
         storage = study.open_storage(url, cfg.sweep)
-        info = worker.wait_ready()
+        info = workers[0].wait_ready()
+        for worker in workers[1:]:
+            other = worker.wait_ready()
+            if other["id"] != info["id"]:
+                raise UserError(
+                    f"sweep.devices={list(cfg.sweep.devices or [])}: the trial workers' devices "
+                    f"differ ({info['id']}, {other['id']}); give devices of one kind"
+                )
         layers = max(space[record.AXES["num_layers"]])
         if layers > info["num_layers"]:
             raise UserError(
@@ -172,11 +297,16 @@ def run(cfg: DictConfig, out=None) -> dict:
         settings = config.study_settings(cfg, space, info, max_gb)
         st = study.open_study(storage, url, name, settings, space, int(cfg.sweep.max_retry))
         st.set_user_attr("device", {k: info[k] for k in ("backend", "name", "memory_gb", "id")})
+        guard = study.StorageGuard(url, float(cfg.sweep.storage_retry_s))
         print(console.header(cfg, info, settings, st.sampler.size, name, url), file=out)
+        if len(workers) > 1:
+            print(console.workers_line(workers), file=out)
         started = time.monotonic()
-        this_run = run_trials(cfg, st, worker, Limits(max_gb * 1e9, float(cfg.sweep.margin)), out)
+        limits = Limits(max_gb * 1e9, float(cfg.sweep.margin))
+        this_run = run_workers(cfg, st, workers, limits, out, guard)
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
     summary = console.summarize(st, out, int(cfg.sweep.max_retry), this_run)
     summary.update(
         study=st, ran=this_run["measured"], wall_s=time.monotonic() - started, study_name=name

@@ -1,10 +1,18 @@
 """Trial worker processes: the model loads once per worker, trials run one after another in it.
 
-A worker that dies (Metal's out-of-memory is often an abort) or hangs (MLX's CUDA backend can
-hang when memory runs out) is replaced; the trial it was running is recorded as pruned. What
-crosses the pipe is one of the small records below, never a bare tuple.
+A worker that dies (Metal's out-of-memory is often an abort, Linux's OOM killer a SIGKILL) or
+hangs (MLX's CUDA backend can hang when memory runs out) is replaced; the trial it was running is
+recorded as pruned. A SIGKILL the kernel did not send for memory (an operator, a scheduler) says
+nothing about the point: its trial is measured again. What crosses the pipe is one of the small
+records below, never a bare tuple.
+
+Test hook: with `YOUR_AI_TEST_HANG_FILE` set in a worker's environment, the first trial (of any
+worker) to pass its memory limit while that file exists removes the file, writes its pid to
+`<file>.hung` and hangs after reporting that step, as MLX's CUDA backend can when memory runs
+out, so the sweep's timeout fires. Only the worker reads it; the chaos run and its test set it.
 """
 
+import ctypes
 import gc
 import os
 import signal
@@ -24,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from your_ai import footprint, preload
 from your_ai.errors import UserError
 from your_ai.record import Limits, Measurement, Step
+
+HANG_HOOK = "YOUR_AI_TEST_HANG_FILE"
 
 # --- messages: the sweep sends a Trial (or None to stop); the worker answers with the rest ----
 
@@ -132,8 +142,9 @@ def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) ->
             return
         if message is None:
             return
+        on_step = hang_over_limit(conn.send, message.limits, os.environ.get(HANG_HOOK))
         try:
-            measured = trial.measure(loaded, cfg, message.params, message.limits, meter, conn.send)
+            measured = trial.measure(loaded, cfg, message.params, message.limits, meter, on_step)
             conn.send(Done(measured))
         except UserError as err:
             conn.send(Refused(str(err)))
@@ -141,9 +152,42 @@ def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) ->
             conn.send(Crashed(f"{type(err).__name__}: {err}", traceback.format_exc()))
 
 
-def serve(fd: int) -> None:
+def hang_over_limit(send: Callable, limits: Limits, hook: str | None) -> Callable:
+    """The test hook (see the module's docstring): `send`, or, while the hook's file exists,
+    `send` that hangs once it has reported the first step over the limit."""
+    if not hook:
+        return send
+
+    def on_step(message: Step) -> None:
+        send(message)
+        if message.peak_bytes * (1 + limits.margin) > limits.max_bytes:
+            try:
+                os.unlink(hook)  # one worker wins: the file is removed once
+            except FileNotFoundError:
+                return
+            Path(f"{hook}.hung").write_text(f"{os.getpid()}\n")  # which worker, for the test
+            while True:  # the step was reported; the next never is
+                time.sleep(3600)
+
+    return on_step
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this process when the sweep that started it dies (a SIGKILL
+    leaves it no cleanup), so no orphan keeps its memory or its GPU."""
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the request was made
+        os._exit(1)
+
+
+def serve(fd: int, parent: int | None = None) -> None:
     """The worker process's entry: it imports what trials need, then takes its config and
     trials from the sweep."""
+    if parent is not None:
+        die_with_parent(parent)
     # Ctrl-C reaches the whole process group; the sweep decides what it means (it gives the
     # trial back and stops this worker), so the worker must not die first and look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -191,8 +235,9 @@ def describe_exit(code: int | None) -> str:
 class Worker:
     """A trial worker process seen from the sweep."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, device: str | None = None):
         self.cfg = cfg
+        self.device = device  # CUDA_VISIBLE_DEVICES for this worker; None: as inherited
         self.timeouts = Timeouts.of(cfg.sweep)
         self.process: subprocess.Popen | None = None
         self.conn: Connection | None = None
@@ -216,10 +261,11 @@ class Worker:
             "PYTHONPATH": os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH")) if p
             ),
+            **({"CUDA_VISIBLE_DEVICES": self.device} if self.device is not None else {}),
         }
         self.launched = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "your_ai.worker", str(theirs.fileno())],
+            [sys.executable, "-m", "your_ai.worker", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
             env=env,
         )
@@ -277,6 +323,7 @@ class Worker:
         if not self.alive:
             self.start(heartbeat)
         self.conn.send(Trial(params, limits))
+        oom_kills = footprint.oom_kills()
         times: list[float] = []
         last_peak = 0
         deadline = time.monotonic() + self.timeouts.first_step_s
@@ -302,7 +349,18 @@ class Worker:
             # A step that came too late counts as a hang, as does no message at all.
             reason = None
             if not self.alive:
-                reason = f"worker process died ({describe_exit(self.process.poll())})"
+                code = self.process.poll()
+                reason = f"worker process died ({describe_exit(code)})"
+                if code == -signal.SIGKILL and oom_kills is not None:
+                    if footprint.oom_kills() == oom_kills:
+                        self.stop()
+                        return Measurement(
+                            "killed",
+                            steps_run=len(times),
+                            reason="worker process killed by SIGKILL, not by the kernel's "
+                            "out-of-memory killer",
+                        )
+                    reason = "worker process killed by the kernel's out-of-memory killer"
             elif time.monotonic() > deadline:
                 reason = "timed out (no step finished in time; killed)"
             if reason is not None:
@@ -333,4 +391,4 @@ if __name__ == "__main__":
     # `your_ai.worker`, the module the sweep unpickles them with.
     from your_ai import worker
 
-    worker.serve(int(sys.argv[1]))
+    worker.serve(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else None)
