@@ -305,6 +305,9 @@ def run_chaos(
     history.append((first, "end", "every sweep of the chaos run has exited"))
     interrupted = list(sweeps.outputs)
     sweeps.outputs = []
+    # A hung worker that died with its sweep before its timeout fired: the hang is armed again,
+    # so the reruns' retry of that point hangs and is timed out.
+    rearm(sweeps, name, history, tick)
     for index in range(sweeps_count):  # every sweep once more, to finish
         sweeps.start(index)
     sweeps.collect()

@@ -120,7 +120,9 @@ def kept_for_backward(loaded, cfg, params: dict) -> dict:
             mode=str(d.mode),
             chunk=int(chunk) if chunk else None,
         )
-        (value, _, _), grads = nn.value_and_grad(model, loss)(model, *inputs)
+        *arrays, offsets = inputs  # the last is each row's prompt offset
+        loss = partial(loss, offsets=offsets)
+        (value, _, _), grads = nn.value_and_grad(model, loss)(model, *arrays)
         mx.eval(value)
         after_forward = mx.get_active_memory()
         mx.eval(grads)

@@ -62,10 +62,11 @@ def xdist_controller(config) -> bool:
 
 
 # With pytest-xdist's `--dist loadgroup` every test that uses one of these fixtures runs in the
-# same worker: the session fixtures (finished sweeps) are computed once, and the tests that open
-# the directories above their tmp_path to the postgres user (`traversable`) never restore them
-# under each other.
-SHARED_FIXTURES = ("small_sweep", "limited_sweep", "traversable")
+# same worker: the session fixtures (finished sweeps) and the benchmark runs of
+# tests/test_benchmarks.py (`runs`, which starts the runs of every test selected in its module)
+# are computed once, and the tests that open the directories above their tmp_path to the
+# postgres user (`traversable`) never restore them under each other.
+SHARED_FIXTURES = ("small_sweep", "limited_sweep", "runs", "traversable")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,10 @@ from tests.conftest import LIMITED_GRID
 SEED = 21
 
 
+# Outside the default run (`pytest -m chaos tests/test_chaos.py`): its faults land at seeded
+# times on sweeps whose speed depends on the machine's load, and on a loaded 2-core machine a
+# sweep can finish before the last fault finds it.
+@pytest.mark.chaos
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_chaos_loses_nothing(tmp_path, limited_sweep):
