@@ -62,11 +62,10 @@ def xdist_controller(config) -> bool:
 
 
 # With pytest-xdist's `--dist loadgroup` every test that uses one of these fixtures runs in the
-# same worker: the session fixtures (finished sweeps) and the benchmark runs of
-# tests/test_benchmarks.py (`runs`, which starts the runs of every test selected in its module)
-# are computed once, and the tests that open the directories above their tmp_path to the
-# postgres user (`traversable`) never restore them under each other.
-SHARED_FIXTURES = ("small_sweep", "limited_sweep", "runs", "traversable")
+# same worker: the finished sweeps that session and module fixtures hold are computed once, and
+# the tests that open the directories above their tmp_path to the postgres user (`traversable`)
+# never restore them under each other.
+SHARED_FIXTURES = ("small_sweep", "limited_sweep", "lengths", "mlx_lm_sweep", "traversable")
 
 
 def pytest_collection_modifyitems(config, items):

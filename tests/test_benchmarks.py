@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, command_env, wait_until
+from tests.conftest import ROOT, command_env
 
 TINY = [
     "sweep.grid.batch_size=[1,2]",
@@ -104,18 +104,17 @@ RUNS = {
 
 
 class Runs:
-    """The benchmark runs of this module's selected tests, two at a time (as many as a CI
-    machine has cores: they share nothing, and one script alone mostly keeps one core busy),
-    started as the first test asks and collected by each test."""
+    """The benchmark runs of this module's tests, each started as its test asks for it: with
+    pytest-xdist's two workers, two run at once (as many as a CI machine has cores), each in
+    the worker whose test needs it."""
 
-    AT_ONCE = 2
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory = tmp_path_factory
+        self.running: list[subprocess.Popen] = []
 
-    def __init__(self, names: list[str], tmp_path_factory):
-        self.waiting = [(n, tmp_path_factory.mktemp(n)) for n in names]
-        self.running: dict[str, tuple[subprocess.Popen, Path]] = {}
-        self.done: dict[str, tuple[int, Path]] = {}
-
-    def _start(self, name: str, tmp: Path) -> None:
+    def result(self, name: str) -> Path:
+        """The run's directory, once it ended well."""
+        tmp = self.tmp_path_factory.mktemp(name)
         script, *args = RUNS[name](tmp)
         if script != "gpu.py":  # the only one that writes beside its --out
             args = ["--output", str(tmp / "BENCHMARKS.md"), *args]
@@ -128,40 +127,21 @@ class Runs:
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-        self.running[name] = (proc, tmp)
-
-    def _pump(self) -> None:
-        for name, (proc, tmp) in list(self.running.items()):
-            if proc.poll() is not None:
-                self.done[name] = (proc.returncode, tmp)
-                del self.running[name]
-        while self.waiting and len(self.running) < self.AT_ONCE:
-            self._start(*self.waiting.pop(0))
-
-    def result(self, name: str) -> Path:
-        """The run's directory, once it ended well."""
-
-        def ended():
-            self._pump()
-            return name in self.done
-
-        wait_until(ended, timeout=900, interval=0.1, what=f"the run of {name}")
-        code, tmp = self.done[name]
+        self.running.append(proc)
+        code = proc.wait(timeout=900)
         assert code == 0, (tmp / "log").read_text()[-3000:]
         return tmp
 
     def stop(self) -> None:
-        for proc, _ in self.running.values():
-            proc.kill()
-            proc.wait()
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory):
-    selected = {i.originalname for i in request.session.items if i.module is request.module}
-    if not os.environ.get("YOUR_AI_TEST_POSTGRES"):
-        selected.discard("test_scale_out")  # it fails at once, saying why
-    started = Runs([n for n in RUNS if n in selected], tmp_path_factory)
+def runs(tmp_path_factory):
+    started = Runs(tmp_path_factory)
     yield started
     started.stop()
 

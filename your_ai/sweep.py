@@ -182,10 +182,14 @@ def run_trials(
             # Stopping the sweep on purpose, or for an error in the config or the code, says
             # nothing about the point: no retry is spent.
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit, UserError, Stopped))
-            try:
-                study.give_back_trial(st, trial, max_retry, interrupted)
-            except Exception:  # noqa: BLE001 - the storage is gone: the rerun recovers the trial
-                pass
+            # Twice: a signal that landed inside a storage call can leave that call's
+            # connection busy for a moment. If the storage is gone, the rerun recovers the trial.
+            for attempt in range(2):
+                try:
+                    study.give_back_trial(st, trial, max_retry, interrupted)
+                    break
+                except Exception:  # noqa: BLE001
+                    time.sleep(0.5 * (attempt + 1))
         raise
     finally:
         if own_bar:
