@@ -59,9 +59,9 @@ def measured_once(st) -> dict:
 
 @pytest.mark.slow
 def test_quick_sweep_command_stores_prints_and_exports_the_same_answer(tmp_path):
-    # Rows of 32 tokens rather than the tiny model's 128: the same grid and the same winner
-    # (no limit: the largest point), at a quarter of the work per step.
-    quick = ["mode=quick", "training.max_seq_length=32"]
+    # Rows of 32 tokens rather than the tiny model's 128, and 6 steps a trial: the same grid and
+    # the same winner (no limit: the largest point), at a fraction of the work.
+    quick = ["mode=quick", "training.max_seq_length=32", "sweep.steps=6"]
     proc = run_command(sweep_command(tmp_path, *quick), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -394,11 +394,15 @@ def test_worker_killed_from_outside_not_for_memory_is_measured_again(tmp_path):
         stderr=subprocess.DEVNULL,
         text=True,
     )
+
     # The kill must find the trial in the worker's hands: before that, the sweep would start a
     # new worker for it and see no death.
-    victim = wait_until(
-        lambda: running_in_its_worker(tmp_path, "oom", min_number=3), what="trial 3"
-    )
+    def handed_over_with_its_pid():
+        t = running_in_its_worker(tmp_path, "oom", min_number=3)
+        # A new worker's start beats the heart before the trial records the worker's pid.
+        return t if t is not None and "worker_pid" in t.user_attrs else None
+
+    victim = wait_until(handed_over_with_its_pid, what="trial 3 with its worker's pid")
     oom_kills = footprint.oom_kills()
     os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)  # not the kernel's OOM killer
     out, _ = proc.communicate(timeout=600)
