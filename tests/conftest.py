@@ -62,10 +62,17 @@ def xdist_controller(config) -> bool:
 
 
 # With pytest-xdist's `--dist loadgroup` every test that uses one of these fixtures runs in the
-# same worker: the finished sweeps that session and module fixtures hold are computed once, and
+# same worker: the finished sweeps that these session fixtures hold are computed once, and
 # the tests that open the directories above their tmp_path to the postgres user (`traversable`)
 # never restore them under each other.
-SHARED_FIXTURES = ("small_sweep", "limited_sweep", "lengths", "mlx_lm_sweep", "traversable")
+SHARED_FIXTURES = (
+    "small_sweep",
+    "limited_sweep",
+    "lengths",
+    "mlx_lm_sweep",
+    "spread_limit",
+    "traversable",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,7 +34,7 @@ def point(t) -> tuple[int, int, int, int]:
     return (p[LENGTH], *(p[record.AXES[a]] for a in ("batch_size", "rank", "num_layers")))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lengths(tmp_path_factory, base_cfg):
     """Two studies of LENGTH_GRID in one storage: `free` (no limit) and `limited`, whose limit
     lies between the heavier of the two batch-1, 4-layer points and the lightest other point;

@@ -33,7 +33,7 @@ def postgres_url():
     return url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def spread_limit(tmp_path_factory):
     """A memory limit that admits part of SPREAD_GRID, and the points it must prune."""
     tmp = tmp_path_factory.mktemp("free")
