@@ -79,27 +79,18 @@ class HeadOff:
 def kept_for_backward(loaded, cfg, params: dict) -> dict:
     """Uncompiled: MLX's memory with the adapters and AdamW's state, then once the loss's value
     is evaluated and its gradient still pending (what the backward pass will read)."""
-    from functools import partial
 
     import mlx.core as mx
     import mlx.nn as nn
 
     from your_ai import data, record, step, trial
-    from your_ai.loss import loss_fn
 
     run_cfg = record.trial_config(cfg, params)
     trial.release_memory()
     before = mx.get_active_memory()
     model = loaded.model
     try:
-        step.apply_lora(
-            model,
-            int(run_cfg.lora.num_layers),
-            step.lora_parameters(run_cfg.lora),
-            bool(run_cfg.training.grad_checkpoint),
-            str(run_cfg.lora.compute_dtype),
-            str(run_cfg.training.quantized_matmul),
-        )
+        step.lora_from_config(model, run_cfg)
         optimizer = step.make_optimizer(run_cfg.training, 10)
         step.make_step(model, optimizer, run_cfg)  # creates AdamW's state, as a trial does
         mx.eval(model.trainable_parameters(), optimizer.state)
@@ -111,18 +102,8 @@ def kept_for_backward(loaded, cfg, params: dict) -> dict:
         inputs = step.to_mx(batch)
         mx.eval(inputs)
         with_batch = mx.get_active_memory()
-        d = run_cfg.distrust
-        chunk = run_cfg.training.loss_chunk_tokens
-        loss = partial(
-            loss_fn,
-            alpha=float(d.alpha),
-            lambda_weight=float(d.lambda_weight),
-            mode=str(d.mode),
-            chunk=int(chunk) if chunk else None,
-        )
-        *arrays, offsets = inputs  # the last is each row's prompt offset
-        loss = partial(loss, offsets=offsets)
-        (value, _, _), grads = nn.value_and_grad(model, loss)(model, *arrays)
+        loss = step.make_loss(model, run_cfg)
+        (value, _, _), grads = nn.value_and_grad(model, loss)(model, *inputs)
         mx.eval(value)
         after_forward = mx.get_active_memory()
         mx.eval(grads)

@@ -175,6 +175,20 @@ def apply_lora(
     return sum(v.size for _, v in nn.utils.tree_flatten(model.trainable_parameters()))
 
 
+def lora_from_config(model: nn.Module, cfg: DictConfig, params: dict | None = None) -> int:
+    """apply_lora with every setting from a run's config (`params`: its lora_parameters, when
+    the caller has them already)."""
+    return apply_lora(
+        model,
+        int(cfg.lora.num_layers),
+        params if params is not None else lora_parameters(cfg.lora),
+        bool(cfg.training.grad_checkpoint),
+        str(cfg.lora.compute_dtype),
+        str(cfg.training.quantized_matmul),
+        str(cfg.lora.fine_tune_type),
+    )
+
+
 def remove_lora(model: nn.Module) -> None:
     remove_lora_layers(model)
     # mlx-lm's remove_lora_layers knows LoRALinear only.
@@ -233,14 +247,9 @@ class StepResult:
     distrust: mx.array
 
 
-def make_step(
-    model: nn.Module, optimizer: optim.Optimizer, cfg: DictConfig
-) -> Callable[..., StepResult]:
-    """One optimizer step over `training.grad_accumulation` micro-batches.
-
-    Called as step(micro_batches) with micro_batches a list of
-    (tokens, lengths, auth_weight, prov_entropy, offsets) tuples of mx arrays.
-    """
+def make_loss(model: nn.Module, cfg: DictConfig) -> Callable:
+    """The configured loss, called as loss(model, tokens, lengths, auth_weight, prov_entropy,
+    offsets) and returning (loss, ntoks, mean cross-entropy)."""
     distrust = cfg.distrust
     chunk = cfg.training.get("loss_chunk_tokens")
     if chunk and output_head(model) is None:
@@ -259,7 +268,18 @@ def make_step(
     def loss(model, tokens, lengths, auth, entropy, offsets):
         return bound(model, tokens, lengths, auth, entropy, offsets=offsets)
 
-    loss_and_grad = nn.value_and_grad(model, loss)
+    return loss
+
+
+def make_step(
+    model: nn.Module, optimizer: optim.Optimizer, cfg: DictConfig
+) -> Callable[..., StepResult]:
+    """One optimizer step over `training.grad_accumulation` micro-batches.
+
+    Called as step(micro_batches) with micro_batches a list of
+    (tokens, lengths, auth_weight, prov_entropy, offsets) tuples of mx arrays.
+    """
+    loss_and_grad = nn.value_and_grad(model, make_loss(model, cfg))
     clip = float(cfg.training.grad_clip)
     # The optimizer state must exist before compiling: compiled functions capture its arrays.
     adapters = tree_flatten(model.trainable_parameters())
@@ -290,7 +310,7 @@ def make_step(
 
     def mean_term(micro) -> mx.array:
         # Data only, so it stays outside the compiled, differentiated function.
-        return mx.mean(distrust_term(micro[2], micro[3], float(distrust.alpha)))
+        return mx.mean(distrust_term(micro[2], micro[3], float(cfg.distrust.alpha)))
 
     apply_update = update
     if cfg.training.compile:

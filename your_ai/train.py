@@ -136,15 +136,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     lora_params = step.lora_parameters(cfg.lora)
     step.check_lora_keys(model, lora_params["keys"])
     mx.random.seed(int(cfg.seed))  # the same LoRA initialisation on every run of this config
-    trainable = step.apply_lora(
-        model,
-        int(cfg.lora.num_layers),
-        lora_params,
-        bool(training.grad_checkpoint),
-        str(cfg.lora.compute_dtype),
-        str(cfg.training.quantized_matmul),
-        str(cfg.lora.fine_tune_type),
-    )
+    trainable = step.lora_from_config(model, cfg, lora_params)
     max_steps = int(training.max_steps)
     optimizer = step.make_optimizer(training, max_steps)
     checkpoints = output_dir / "checkpoints"

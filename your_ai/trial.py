@@ -129,15 +129,7 @@ def measure(
         if sweep.step == "mlx_lm":
             result.trainable_params = mlx_lm_steps(loaded, run_cfg, batch, after_step)
         else:
-            result.trainable_params = step.apply_lora(
-                model,
-                int(run_cfg.lora.num_layers),
-                step.lora_parameters(run_cfg.lora),
-                bool(run_cfg.training.grad_checkpoint),
-                str(run_cfg.lora.compute_dtype),
-                str(run_cfg.training.quantized_matmul),
-                str(run_cfg.lora.fine_tune_type),
-            )
+            result.trainable_params = step.lora_from_config(model, run_cfg)
             optimizer = step.make_optimizer(run_cfg.training, int(sweep.steps))
             train_step = step.make_step(model, optimizer, run_cfg)
             accumulation = int(run_cfg.training.grad_accumulation)
