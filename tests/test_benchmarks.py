@@ -259,5 +259,7 @@ def test_peer_torch_ours(runs):
     assert "| loss_chunk_tokens=1024" in text
     for name, (step_s, tokens_per_s, *_rest) in rows.items():
         # 2 x 32 tokens a step; the footprint sampled from outside is a real figure.
-        assert float(tokens_per_s) == pytest.approx(64 / float(step_s), rel=0.01), name
+        # The table prints seconds to 3 decimals: the step time lies within half a unit of it.
+        seconds = float(step_s)
+        assert 64 / (seconds + 0.0005) <= float(tokens_per_s) <= 64 / (seconds - 0.0005), name
         assert float(_rest[2]) > 0, name
