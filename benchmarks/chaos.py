@@ -3,8 +3,9 @@ database are killed, and nothing is lost.
 
 A throwaway PostgreSQL server on loopback (scripts/postgres.sh). First an undisturbed run: the
 grid under a memory limit, by `--sweeps` sweep commands of `--workers` trial workers each. Then
-the same grid in a new study by the same commands while, at times drawn from a seed that is
-printed, a trial worker is killed with SIGKILL (as the kernel's OOM killer does), a sweep
+the same grid in a new study by the same commands while, at points of its progress drawn from
+a seed that is printed (after so many finished trials, within the first half of the grid), a
+trial worker is killed with SIGKILL (as the kernel's OOM killer does), a sweep
 command is killed with SIGKILL and started again, a sweep receives SIGTERM, the server is
 stopped for 5-10 s and started again, and one trial hangs (the worker's test hook,
 YOUR_AI_TEST_HANG_FILE) so that its timeout fires. The first sweep waits only
@@ -129,10 +130,10 @@ def running_trials(url: str, name: str) -> list:
 def inject(
     sweeps: Sweeps, name: str, faults: list, pgdir: Path, rng, history: list, tick: float
 ) -> set[int]:
-    """Fire each fault, in order, a seeded delay after the one before, once what it needs is
-    there (a worker in a trial, a sweep holding one), while any sweep runs."""
+    """Fire each fault, in order, once the study has finished its seeded number of trials and
+    what the fault needs is there (a worker in a trial, a sweep holding one), while any sweep
+    runs."""
     pending = list(faults)
-    last = 0.0  # when the previous fault fired
     terminated = set()
     while pending and sweeps.running():
         for proc in list(sweeps.procs):
@@ -152,13 +153,12 @@ def inject(
                         f"exited {proc.returncode}: {said!r}; started again as pid {again.pid}",
                     )
                 )
-        delay, fault = pending[0]
-        at = last + delay
-        now = time.perf_counter() - tick
-        if now < at:
-            time.sleep(min(0.2, at - now))
+        after, fault = pending[0]
+        done = finished(sweeps.url, name)
+        if done is None or done < after:
+            time.sleep(0.2)
             continue
-        started = now
+        started = time.perf_counter() - tick
         # The hung trial is left alone, so that its timeout fires; should its sweep end first
         # (the database's outage), the hook is armed again for the point's next trial.
         hung = hung_worker(sweeps)
@@ -207,12 +207,24 @@ def inject(
             time.sleep(down)
             postgres("restart", pgdir)
             detail = f"PostgreSQL stopped for {down:.1f} s and started again"
-        history.append((started, fault, detail))
-        last = time.perf_counter() - tick
+        history.append((started, fault, f"{detail} (after {done} finished trials)"))
         pending.pop(0)
     for _, fault in pending:
         history.append((None, fault, "not injected: the sweeps had ended"))
     return terminated
+
+
+def finished(url: str, name: str) -> int | None:
+    """How many of the study's trials are complete or pruned; None while it cannot be read."""
+    from optuna.trial import TrialState
+
+    try:
+        trials = load(url, name).get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+        )
+    except Exception:  # noqa: BLE001 - not created yet, or the database is away
+        return None
+    return len(trials)
 
 
 def at_work(sweeps: Sweeps, name: str, exclude_worker: int | None = None) -> list:
@@ -273,9 +285,10 @@ def run_chaos(
     sweeps_count: int,
     workers: int,
     seed: int,
-    expected_s: float,
+    grid: int,
     storage_retry_s: float,
     order: list[str] | None = None,
+    after: list[int] | None = None,
 ) -> dict:
     """The disturbed run; returns its study name, wall time, history and the sweeps' outputs."""
     rng = random.Random(seed)
@@ -286,11 +299,13 @@ def run_chaos(
     per_sweep = [[f"sweep.workers={workers}"] for _ in range(sweeps_count)]
     per_sweep[0].append(f"sweep.storage_retry_s={storage_retry_s}")  # it gives up; the rest wait
     sweeps = Sweeps(workdir, url, [*overrides, f"sweep.study_name={name}"], per_sweep, env)
-    # The faults in a seeded order, each a seeded delay (up to a tenth of the undisturbed run)
-    # after the one before, so that all of them find the sweeps at work; SIGTERM last, so the
+    # The faults in a seeded order, each once a seeded number of trials (within the first half
+    # of the grid) has finished: points in the run's progress rather than seconds, so that on
+    # a machine of any speed or load every fault finds the sweeps at work. SIGTERM last, so the
     # others still have a sweep to hit.
     kinds = order or [*rng.sample(FAULTS[:2] + FAULTS[3:], 3), "term_sweep"]
-    faults = [(rng.uniform(0.02, 0.1) * expected_s, kind) for kind in kinds]
+    after = after or sorted(rng.choices(range(max(1, grid // 2)), k=len(kinds)))
+    faults = list(zip(after, kinds, strict=True))
     history: list = [(0.0, "hang", f"armed: {hang_file} (the next trial over its limit hangs)")]
     hang_file.touch()
     tick = time.perf_counter()
@@ -327,6 +342,10 @@ def run_chaos(
     }
 
 
+def grid_size(st) -> int:
+    return math.prod(len(v) for v in st.user_attrs["settings"]["grid"].values())
+
+
 def check(url: str, name: str, ref, max_retry: int, chaos: dict) -> list[str]:
     """The promises, from the database: an empty list when every one holds."""
     import yaml
@@ -339,7 +358,7 @@ def check(url: str, name: str, ref, max_retry: int, chaos: dict) -> list[str]:
     st = load(url, name)
     measured = study.measured_grid_trials(st)
     points = [tuple(sorted(t.params.items())) for t in measured]
-    grid = math.prod(len(v) for v in st.user_attrs["settings"]["grid"].values())
+    grid = grid_size(st)
     if len(points) != len(set(points)) or len(points) != grid:
         problems.append(f"{len(points)} grid points measured ({len(set(points))} apart) of {grid}")
     by_number = {t.number: t for t in st.trials}
@@ -467,8 +486,9 @@ class Options:
     storage_retry_s: float = 3
     max_retry: int = 3
     reference: object = None  # an undisturbed study of the grid and limit; None: run one
-    expected_s: float | None = None  # how long the sweeps take undisturbed, if known
+    expected_s: float | None = None  # the undisturbed run's wall time, with `reference`
     order: list[str] | None = None  # the faults' order; None: drawn from the seed
+    after: list[int] | None = None  # finished trials before each fault; None: from the seed
 
 
 def chaos(options: Options, workdir: Path) -> dict:
@@ -497,8 +517,12 @@ def chaos(options: Options, workdir: Path) -> dict:
                 env,
             )
             ref_wall = run_undisturbed(ref_sweeps)
-            reference = name  # loaded after the chaos: the server restarts under a loaded one
+            # Loaded again after the chaos: the server restarts under a loaded study.
+            grid = grid_size(load(url, name))
+            reference = name
             print(f"undisturbed run: {ref_wall:.1f} s", flush=True)
+        else:
+            grid = grid_size(reference)
         result = run_chaos(
             pgdir / "db",
             url,
@@ -507,9 +531,10 @@ def chaos(options: Options, workdir: Path) -> dict:
             options.sweeps,
             options.workers,
             options.seed,
-            ref_wall,
+            grid,
             options.storage_retry_s,
             options.order,
+            options.after,
         )
         if isinstance(reference, str):
             reference = load(url, reference)
@@ -605,7 +630,8 @@ def report(result: dict, options: Options, load_before: float) -> str:
                 [
                     [
                         "undisturbed",
-                        f"{result['ref_wall_s']:.1f}",
+                        # A reference study given (as the test does) has no wall time here.
+                        "-" if result["ref_wall_s"] is None else f"{result['ref_wall_s']:.1f}",
                         result["ref_trials"],
                         0,
                         0,

@@ -50,7 +50,8 @@ RUNS = {
         "--extra",
         " ".join(TINY),
     ],
-    "test_blas": lambda tmp: ["blas.py", *blas_args()],
+    # One point: each row is a whole sweep in fresh workers, and one point times its BLAS.
+    "test_blas": lambda tmp: ["blas.py", *blas_args(), "sweep.grid.batch_size=[2]"],
     "test_scale_out": lambda tmp: ["scale_out.py", *TINY],
     "test_gpu_script_runs_on_the_cpu": lambda tmp: [
         "gpu.py",

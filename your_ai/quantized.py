@@ -15,11 +15,19 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def _dequantized(layer: nn.QuantizedLinear) -> mx.array:
+def _dequantized(layer: nn.QuantizedLinear, after: mx.array) -> mx.array:
+    # MLX evaluates a graph depth first from its outputs, and a dequantization that depends only
+    # on the (already evaluated) 4-bit weights may run as soon as the evaluation starts: every
+    # layer's dequantized weights would then be held at once, as many bytes as the bf16 base.
+    # Tying it to `after` (the matmul's other operand) runs it just before its matmul.
+    parts = [layer["weight"], layer["scales"]]
+    if "biases" in layer:
+        parts.append(layer["biases"])
+    parts = mx.depends(parts, [after])
     return mx.dequantize(
-        layer["weight"],
-        layer["scales"],
-        layer.get("biases"),
+        parts[0],
+        parts[1],
+        parts[2] if len(parts) == 3 else None,
         group_size=layer.group_size,
         bits=layer.bits,
         mode=layer.mode,
@@ -33,11 +41,11 @@ class DequantizedLinear(nn.QuantizedLinear):
         # The weight is closed over, not an argument: it is frozen, so only x has a gradient.
         @mx.custom_function
         def matmul(x):
-            return x @ _dequantized(self).T
+            return x @ _dequantized(self, x).T
 
         @matmul.vjp
         def matmul_vjp(primals, cotangent, output):
-            return cotangent @ _dequantized(self)
+            return cotangent @ _dequantized(self, cotangent)
 
         y = matmul(x)
         if "bias" in self:

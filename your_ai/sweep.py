@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from your_ai import CONF_DIR, config, console, export, preload, record, report, study
+from your_ai import CONF_DIR, config, console, export, preload, record, study
 from your_ai.errors import UserError, exit_on_user_error, terminate
 from your_ai.record import Limits, TrialRecord
 from your_ai.worker import Worker
@@ -318,6 +318,9 @@ def run(cfg: DictConfig, out=None) -> dict:
     if cfg.sweep.export and summary["best"] is not None:
         export.export(cfg, st, out=out)
     if cfg.sweep.report and study.measured_grid_trials(st):
+        # Imported here: matplotlib is a third of a second of every start, paid only to draw.
+        from your_ai import report
+
         report.write(cfg, st, out=out)
     return summary
 
