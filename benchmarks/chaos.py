@@ -17,7 +17,11 @@ printed and appended to BENCHMARKS.md.
     python benchmarks/chaos.py [--seed N] [--limit-gb G] [overrides...]
 
 Without `--limit-gb`, a first run without a limit measures the grid and the limit is put in a
-gap between its footprints, so run-to-run noise cannot move a point across it.
+gap between its footprints. A worker's footprint varies from run to run (on the CPU, the
+allocator's slack varies with what the worker ran before: up to 27 MB of 250 on the full grid
+of the tiny model), so a point within that spread of the limit may fit in one run and not in the
+other; the check takes the spread from the two runs' points measured in both, lists such points
+as tolerated, and counts every other difference as a problem.
 """
 
 import argparse
@@ -295,7 +299,12 @@ def run_chaos(
     name = f"chaos-{uuid.uuid4().hex[:6]}"
     workdir.mkdir(parents=True, exist_ok=True)
     hang_file = workdir / "hang"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "YOUR_AI_TEST_HANG_FILE": str(hang_file)}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "YOUR_AI_TEST_HANG_FILE": str(hang_file),
+        "HYDRA_FULL_ERROR": "1",  # a crash's whole traceback, for the history
+    }
     per_sweep = [[f"sweep.workers={workers}"] for _ in range(sweeps_count)]
     per_sweep[0].append(f"sweep.storage_retry_s={storage_retry_s}")  # it gives up; the rest wait
     sweeps = Sweeps(workdir, url, [*overrides, f"sweep.study_name={name}"], per_sweep, env)
@@ -340,6 +349,39 @@ def run_chaos(
         "profiles": workdir / "profiles",
         "terminated": terminated,
     }
+
+
+def measured_footprints(st) -> dict:
+    """Each grid point's footprint (GB, with the margin) as the study measured it: its own
+    trial's, or, for a point pruned by dominance, that of the point that dominated it."""
+    from your_ai import study
+
+    by_number = {t.number: t for t in st.trials}
+    footprints = {}
+    for t in study.measured_grid_trials(st):
+        a = t.user_attrs
+        source = by_number.get(a["dominated_by"]) if "dominated_by" in a else t
+        gb = source.user_attrs.get("peak_memory_gb_with_margin") if source else None
+        if gb:
+            footprints[tuple(sorted(t.params.items()))] = gb
+    return footprints
+
+
+def footprint_spread_gb(st, ref) -> float:
+    """The largest difference between the two studies' footprints of a point both measured
+    (its own trial in each, not a dominating point's)."""
+    from your_ai import study
+
+    def own(s) -> dict:
+        return {
+            tuple(sorted(t.params.items())): t.user_attrs["peak_memory_gb_with_margin"]
+            for t in study.measured_grid_trials(s)
+            if "dominated_by" not in t.user_attrs
+            and t.user_attrs.get("peak_memory_gb_with_margin")
+        }
+
+    ours, theirs = own(st), own(ref)
+    return max((abs(ours[p] - theirs[p]) for p in ours.keys() & theirs.keys()), default=0.0)
 
 
 def grid_size(st) -> int:
@@ -387,12 +429,33 @@ def check(url: str, name: str, ref, max_retry: int, chaos: dict) -> list[str]:
             if t.state == TrialState.COMPLETE
         }
 
-    if feasible(st) != feasible(ref):
-        problems.append(f"feasible points differ: {sorted(feasible(st) ^ feasible(ref))}")
+    # A point whose footprint lies within the run-to-run spread of the limit may fit in one run
+    # and not in the other: measurement noise, not a lost or misrecorded trial. Any other
+    # difference is a problem.
+    spread_gb = footprint_spread_gb(st, ref)
+    near = {
+        point
+        for s in (st, ref)
+        for point, gb in measured_footprints(s).items()
+        if abs(gb - limit_gb) <= spread_gb
+    }
+    differ = feasible(st) ^ feasible(ref)
+    tolerated = sorted(differ & near)
+    chaos["tolerated"], chaos["spread_gb"] = tolerated, spread_gb
+    if differ - near:
+        problems.append(f"feasible points differ: {sorted(differ - near)}")
     best, ref_best = study.best_trial(st), study.best_trial(ref)
     # Points of equal score are ranked by throughput, which differs from run to run: the
-    # winner's score must match, and the feasible sets above hold the rest.
-    if best is None or ref_best is None or score(best.params) != score(ref_best.params):
+    # winner's score must match (unless a point within the spread decided it), and the
+    # feasible sets above hold the rest.
+    noisy_winner = any(
+        t is not None and tuple(sorted(t.params.items())) in tolerated for t in (best, ref_best)
+    )
+    if (
+        best is None
+        or ref_best is None
+        or (score(best.params) != score(ref_best.params) and not noisy_winner)
+    ):
         problems.append(
             f"winner {best and best.params} against the undisturbed run's "
             f"{ref_best and ref_best.params}"
@@ -426,10 +489,19 @@ def check(url: str, name: str, ref, max_retry: int, chaos: dict) -> list[str]:
         if owner in chaos["terminated"] and t.state == TrialState.FAIL:
             if not t.user_attrs.get("interrupted") and "reason" not in t.user_attrs:
                 problems.append(f"trial {t.number} of the sweep sent SIGTERM was not given back")
+    # Killed (SIGKILL), stopped (SIGTERM: 143) or the storage's one line (2): any other exit of
+    # a sweep under the faults is a crash.
+    crashed = [(i, rc, err[-3000:]) for i, rc, _, err in chaos["interrupted"] if crashed_exit(rc)]
+    if crashed:
+        problems.append(f"a sweep crashed under the faults: {crashed}")
     failed = [(i, rc, err[-1500:]) for i, rc, _, err in chaos["final"] if rc != 0]
     if failed:
         problems.append(f"a final run failed: {failed}")
     return problems
+
+
+def crashed_exit(code: int) -> bool:
+    return code not in (0, 2, -signal.SIGKILL, 128 + signal.SIGTERM, -signal.SIGTERM)
 
 
 def trial_history(url: str, name: str) -> list[str]:
@@ -645,6 +717,10 @@ def report(result: dict, options: Options, load_before: float) -> str:
                     ],
                 ],
             ),
+            "",
+            f"footprints' run-to-run spread (largest difference of a point measured in both "
+            f"runs): {result['spread_gb'] * 1000:.1f} MB; points within it of the limit that "
+            f"fit in one run only (noise, tolerated): {result['tolerated'] or 'none'}",
             "",
             "checks: " + ("all hold" if not problems else "FAILED: " + "; ".join(problems)),
         ]

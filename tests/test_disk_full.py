@@ -118,7 +118,11 @@ def test_a_full_disk_stops_the_sweep_and_its_rerun_continues_the_study(make_cfg,
     db = small_fs / "optuna.db"
     url = f"sqlite:///{db}"
     grid = [*SMALL_GRID, "sweep.steps=8", "sweep.study_name=full", "sweep.export=false"]
-    cfg = make_cfg(*grid, f"sweep.storage={url}")
+    # A disk that fills between a trial's ask and its claim leaves it owned by nobody, which the
+    # rerun retries after the grace period (60 s by default).
+    cfg = make_cfg(
+        *grid, f"sweep.storage={url}", "sweep.heartbeat_interval_s=1", "sweep.grace_period_s=3"
+    )
 
     def finished() -> int:
         try:
