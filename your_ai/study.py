@@ -348,6 +348,8 @@ def open_study(storage, url: str, name: str, settings: dict, space: dict, max_re
     except optuna.exceptions.DuplicatedStudyError:
         pass
     except Exception as err:  # noqa: BLE001
+        if connection_lost(err):
+            raise  # for the sweep's StorageGuard to wait for
         first = str(err).strip().splitlines()[0]
         raise UserError(f"sweep.storage={redact(url)}: cannot use the storage ({first})") from None
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)

@@ -299,9 +299,12 @@ def run(cfg: DictConfig, out=None) -> dict:
         max_gb = memory_limit_gb(cfg, info)
         name = config.study_name(cfg)
         settings = config.study_settings(cfg, space, info, max_gb)
-        st = study.open_study(storage, url, name, settings, space, int(cfg.sweep.max_retry))
-        st.set_user_attr("device", {k: info[k] for k in ("backend", "name", "memory_gb", "id")})
+        # From here a database lost for a while is waited for, as another sweep's may be
+        # while this one loads its model.
         guard = study.StorageGuard(url, float(cfg.sweep.storage_retry_s))
+        st = guard(study.open_study, storage, url, name, settings, space, int(cfg.sweep.max_retry))
+        device = {k: info[k] for k in ("backend", "name", "memory_gb", "id")}
+        guard(st.set_user_attr, "device", device)
         print(console.header(cfg, info, settings, st.sampler.size, name, url), file=out)
         if len(workers) > 1:
             print(console.workers_line(workers), file=out)
