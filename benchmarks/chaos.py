@@ -409,7 +409,8 @@ def check(url: str, name: str, ref, max_retry: int, chaos: dict) -> list[str]:
         a = t.user_attrs
         if t.state != TrialState.PRUNED or not a.get("memory_pruned"):
             continue
-        over = (a.get("peak_memory_gb_with_margin") or 0) > limit_gb
+        # Stored to 0.1 MB: a point pruned within that of the limit reads equal to it.
+        over = (a.get("peak_memory_gb_with_margin") or 0) >= limit_gb
         outside = str(a.get("reason", "")).startswith(("timed out", "worker process"))
         dominator = by_number.get(a.get("dominated_by", -1))
         dominated = dominator is not None and dominator.user_attrs.get("memory_pruned")

@@ -69,6 +69,15 @@ def release_memory() -> None:
     footprint.release_free_memory()
 
 
+def over_limit(footprint_bytes: float, limit_bytes: float) -> str:
+    """ "A GB > B GB" with as many digits as it takes for A and B to read apart."""
+    for digits in range(4, 10):
+        footprint, limit = f"{footprint_bytes / 1e9:.{digits}g}", f"{limit_bytes / 1e9:.{digits}g}"
+        if footprint != limit:
+            break
+    return f"{footprint} GB > {limit} GB"
+
+
 def measure(
     loaded: LoadedModel,
     cfg: DictConfig,
@@ -109,7 +118,7 @@ def measure(
         on_step(Step(index + 1, elapsed, peak))
         if adjusted > limits.max_bytes:
             result.state, result.memory = "pruned", True
-            result.reason = f"{adjusted / 1e9:.4g} GB > {limits.max_bytes / 1e9:.4g} GB"
+            result.reason = over_limit(adjusted, limits.max_bytes)
             return True
         if sweep.early_stop and stable(
             times, peaks, int(sweep.stable_steps), float(sweep.stable_tolerance)
