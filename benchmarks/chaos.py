@@ -139,6 +139,7 @@ def inject(
     runs."""
     pending = list(faults)
     terminated = set()
+    seen_hung: set[int] = set()
     while pending and sweeps.running():
         for proc in list(sweeps.procs):
             # A sweep that stopped by itself (the database was away too long) is started again
@@ -166,7 +167,16 @@ def inject(
         # The hung trial is left alone, so that its timeout fires; should its sweep end first
         # (the database's outage), the hook is armed again for the point's next trial.
         hung = hung_worker(sweeps)
+        if hung is not None and hung not in seen_hung:
+            seen_hung.add(hung)
+            detail = f"trial worker pid {hung} of sweep pid {parent_of(hung)} hangs"
+            history.append((started, "hang", detail))
         rearm(sweeps, name, history, tick)
+        if hung is not None and fault != "kill_worker":
+            # A fault on a whole sweep or on the database waits for the timeout (seconds): it
+            # could end the hung trial's sweep first.
+            time.sleep(0.2)
+            continue
         if fault == "kill_worker":
             holders = [
                 t
@@ -185,7 +195,7 @@ def inject(
             detail = f"trial worker pid {pid} (trial {victim.number}, {describe(victim)})"
         elif fault in ("kill_sweep", "term_sweep"):
             # A sweep at work (holding a trial), so the fault has something to lose.
-            busy = at_work(sweeps, name, exclude_worker=hung)
+            busy = at_work(sweeps, name)
             if not busy:
                 time.sleep(0.2)
                 continue
@@ -203,13 +213,20 @@ def inject(
                 detail = f"sweep {proc.index} (pid {proc.pid})"
         else:
             # The first sweep at work: it waits less than the outage lasts, so it must give up.
-            if 0 not in {p.index for p in at_work(sweeps, name)}:
+            first = [p for p in at_work(sweeps, name) if p.index == 0]
+            if not first:
                 time.sleep(0.2)
                 continue
             down = rng.uniform(5, 10)
             postgres("halt", pgdir)
             time.sleep(down)
             postgres("restart", pgdir)
+            # It is giving up: let it finish (its line, its trial given back) before the next
+            # fault, which might otherwise kill it halfway through.
+            try:
+                first[0].wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pass
             detail = f"PostgreSQL stopped for {down:.1f} s and started again"
         history.append((started, fault, f"{detail} (after {done} finished trials)"))
         pending.pop(0)
@@ -231,19 +248,13 @@ def finished(url: str, name: str) -> int | None:
     return len(trials)
 
 
-def at_work(sweeps: Sweeps, name: str, exclude_worker: int | None = None) -> list:
-    """The running sweeps that hold a trial in a worker's hands (but for the sweep of
-    `exclude_worker`)."""
+def at_work(sweeps: Sweeps, name: str) -> list:
+    """The running sweeps that hold a trial in a worker's hands."""
     from your_ai.study import WORKER_ATTR
 
     trials = [t for t in running_trials(sweeps.url, name) if "worker_pid" in t.user_attrs]
     owners = {t.system_attrs.get(WORKER_ATTR, {}).get("pid") for t in trials}
-    excluded = {
-        t.system_attrs.get(WORKER_ATTR, {}).get("pid")
-        for t in trials
-        if t.user_attrs["worker_pid"] == exclude_worker
-    }
-    return [p for p in sweeps.running() if p.pid in owners - excluded]
+    return [p for p in sweeps.running() if p.pid in owners]
 
 
 def rearm(sweeps: Sweeps, name: str, history: list, tick: float) -> None:
@@ -262,6 +273,13 @@ def rearm(sweeps: Sweeps, name: str, history: list, tick: float) -> None:
         history.append(
             (time.perf_counter() - tick, "hang", "armed again: the hung worker died first")
         )
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def hung_worker(sweeps: Sweeps) -> int | None:

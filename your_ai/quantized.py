@@ -7,8 +7,9 @@ through (the LoRA layers and the output head) dequantize their weights at each u
 in plain floating point: both passes are then the bf16 step's matmuls. The backward pass
 dequantizes again rather than keep the forward's copy, so no dequantized weight is kept from one
 pass to the other, with or without checkpointing: beyond the 4-bit weights, only the weights
-being multiplied are dequantized (the output head's, 1 GB in bf16 at the 8B's vocabulary, is the
-largest). Layers below the LoRA ones only run forward and keep MLX's quantized matmul.
+being multiplied are dequantized, each just before its product (the output head's, 1 GB in bf16
+at the 8B's vocabulary, is the largest; its backward product is taken in pieces of rows). Layers
+below the LoRA ones only run forward and keep MLX's quantized matmul.
 """
 
 import mlx.core as mx
