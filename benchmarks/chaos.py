@@ -132,7 +132,14 @@ def running_trials(url: str, name: str) -> list:
 
 
 def inject(
-    sweeps: Sweeps, name: str, faults: list, pgdir: Path, rng, history: list, tick: float
+    sweeps: Sweeps,
+    name: str,
+    faults: list,
+    pgdir: Path,
+    rng,
+    history: list,
+    tick: float,
+    hang_points: set,
 ) -> set[int]:
     """Fire each fault, in order, once the study has finished its seeded number of trials and
     what the fault needs is there (a worker in a trial, a sweep holding one), while any sweep
@@ -172,17 +179,18 @@ def inject(
             detail = f"trial worker pid {hung} of sweep pid {parent_of(hung)} hangs"
             history.append((started, "hang", detail))
         rearm(sweeps, name, history, tick)
-        if hung is not None and fault != "kill_worker":
-            # A fault on a whole sweep or on the database waits for the timeout (seconds): it
-            # could end the hung trial's sweep first.
-            time.sleep(0.2)
-            continue
+        # Faults spare the trial that hangs, and the one that may be about to (a point the
+        # undisturbed run measured over the limit), and their sweeps, until the timeout fires:
+        # ending it first would leave the hook's timeout untested.
+        running = running_trials(sweeps.url, name)
+        spared = [
+            t for t in running if t.user_attrs.get("worker_pid") == hung or point(t) in hang_points
+        ]
+        spared_sweeps = {owner_pid(t) for t in spared}
+        if hung is not None:
+            spared_sweeps.add(parent_of(hung))
         if fault == "kill_worker":
-            holders = [
-                t
-                for t in running_trials(sweeps.url, name)
-                if "worker_pid" in t.user_attrs and t.user_attrs["worker_pid"] != hung
-            ]
+            holders = [t for t in running if "worker_pid" in t.user_attrs and t not in spared]
             if not holders:
                 time.sleep(0.2)
                 continue
@@ -195,7 +203,7 @@ def inject(
             detail = f"trial worker pid {pid} (trial {victim.number}, {describe(victim)})"
         elif fault in ("kill_sweep", "term_sweep"):
             # A sweep at work (holding a trial), so the fault has something to lose.
-            busy = at_work(sweeps, name)
+            busy = [p for p in at_work(sweeps, name) if p.pid not in spared_sweeps]
             if not busy:
                 time.sleep(0.2)
                 continue
@@ -214,7 +222,7 @@ def inject(
         else:
             # The first sweep at work: it waits less than the outage lasts, so it must give up.
             first = [p for p in at_work(sweeps, name) if p.index == 0]
-            if not first:
+            if not first or first[0].pid in spared_sweeps:
                 time.sleep(0.2)
                 continue
             down = rng.uniform(5, 10)
@@ -250,11 +258,31 @@ def finished(url: str, name: str) -> int | None:
 
 def at_work(sweeps: Sweeps, name: str) -> list:
     """The running sweeps that hold a trial in a worker's hands."""
+    trials = [t for t in running_trials(sweeps.url, name) if "worker_pid" in t.user_attrs]
+    owners = {owner_pid(t) for t in trials}
+    return [p for p in sweeps.running() if p.pid in owners]
+
+
+def owner_pid(trial) -> int | None:
+    """The sweep process that holds `trial`."""
     from your_ai.study import WORKER_ATTR
 
-    trials = [t for t in running_trials(sweeps.url, name) if "worker_pid" in t.user_attrs]
-    owners = {t.system_attrs.get(WORKER_ATTR, {}).get("pid") for t in trials}
-    return [p for p in sweeps.running() if p.pid in owners]
+    return trial.system_attrs.get(WORKER_ATTR, {}).get("pid")
+
+
+def point(trial) -> tuple:
+    return tuple(sorted(trial.params.items()))
+
+
+def measured_over_limit(st) -> set:
+    """The grid points `st` measured over its limit (not those pruned by dominance)."""
+    from your_ai import study
+
+    return {
+        point(t)
+        for t in study.measured_grid_trials(st)
+        if t.user_attrs.get("memory_pruned") and "dominated_by" not in t.user_attrs
+    }
 
 
 def rearm(sweeps: Sweeps, name: str, history: list, tick: float) -> None:
@@ -308,6 +336,7 @@ def run_chaos(
     workers: int,
     seed: int,
     grid: int,
+    hang_points: set,
     storage_retry_s: float,
     order: list[str] | None = None,
     after: list[int] | None = None,
@@ -338,7 +367,7 @@ def run_chaos(
     tick = time.perf_counter()
     for index in range(sweeps_count):
         sweeps.start(index)
-    terminated = inject(sweeps, name, faults, pgdir, rng, history, tick)
+    terminated = inject(sweeps, name, faults, pgdir, rng, history, tick, hang_points)
     sweeps.collect()
     first = time.perf_counter() - tick
     for index, code, _, err in sweeps.outputs:  # how each exited: a sweep's own line, if any
@@ -609,11 +638,13 @@ def chaos(options: Options, workdir: Path) -> dict:
             )
             ref_wall = run_undisturbed(ref_sweeps)
             # Loaded again after the chaos: the server restarts under a loaded study.
-            grid = grid_size(load(url, name))
+            undisturbed = load(url, name)
+            grid, hang_points = grid_size(undisturbed), measured_over_limit(undisturbed)
+            del undisturbed
             reference = name
             print(f"undisturbed run: {ref_wall:.1f} s", flush=True)
         else:
-            grid = grid_size(reference)
+            grid, hang_points = grid_size(reference), measured_over_limit(reference)
         result = run_chaos(
             pgdir / "db",
             url,
@@ -623,6 +654,7 @@ def chaos(options: Options, workdir: Path) -> dict:
             options.workers,
             options.seed,
             grid,
+            hang_points,
             options.storage_retry_s,
             options.order,
             options.after,

@@ -15,7 +15,6 @@ below the LoRA ones only run forward and keep MLX's quantized matmul.
 import mlx.core as mx
 import mlx.nn as nn
 
-
 # Rows of a weight dequantized at once in the backward pass: the output head at a large
 # vocabulary (1 GB in bf16 for Llama 3's 128,256 x 4096) is multiplied in pieces of this size.
 BACKWARD_PIECE_BYTES = 128 * 2**20

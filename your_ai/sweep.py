@@ -321,7 +321,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     if cfg.sweep.export and summary["best"] is not None:
         export.export(cfg, st, out=out)
     if cfg.sweep.report and study.measured_grid_trials(st):
-        # Imported here: matplotlib is a third of a second of every start, paid only to draw.
+        # Imported here: matplotlib costs a second of CPU at every start, paid only to draw.
         from your_ai import report
 
         report.write(cfg, st, out=out)

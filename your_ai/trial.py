@@ -70,7 +70,7 @@ def release_memory() -> None:
 
 
 def over_limit(footprint_bytes: float, limit_bytes: float) -> str:
-    """ "A GB > B GB" with as many digits as it takes for A and B to read apart."""
+    """The pruning reason, "A GB > B GB", with as many digits as it takes to tell A from B."""
     for digits in range(4, 10):
         footprint, limit = f"{footprint_bytes / 1e9:.{digits}g}", f"{limit_bytes / 1e9:.{digits}g}"
         if footprint != limit:
