@@ -8,28 +8,22 @@ in plain floating point: both passes are then the bf16 step's matmuls. The backw
 dequantizes again rather than keep the forward's copy, so no dequantized weight is kept from one
 pass to the other, with or without checkpointing: beyond the 4-bit weights, only the weights
 being multiplied are dequantized, each just before its product (the output head's, 1 GB in bf16
-at the 8B's vocabulary, is the largest; its backward product is taken in pieces of rows). Layers
-below the LoRA ones only run forward and keep MLX's quantized matmul.
+at the 8B's vocabulary, is the largest). Layers below the LoRA ones only run forward and keep
+MLX's quantized matmul.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 
-# Rows of a weight dequantized at once in the backward pass: the output head at a large
-# vocabulary (1 GB in bf16 for Llama 3's 128,256 x 4096) is multiplied in pieces of this size.
-BACKWARD_PIECE_BYTES = 128 * 2**20
 
-
-def _dequantized(
-    layer: nn.QuantizedLinear, after: mx.array, rows: slice = slice(None)
-) -> mx.array:
+def _dequantized(layer: nn.QuantizedLinear, after: mx.array) -> mx.array:
     # MLX evaluates a graph depth first from its outputs, and a dequantization that depends only
     # on the (already evaluated) 4-bit weights may run as soon as the evaluation starts: every
     # layer's dequantized weights would then be held at once, as many bytes as the bf16 base.
     # Tying it to `after` (the matmul's other operand) runs it just before its matmul.
-    parts = [layer["weight"][rows], layer["scales"][rows]]
+    parts = [layer["weight"], layer["scales"]]
     if "biases" in layer:
-        parts.append(layer["biases"][rows])
+        parts.append(layer["biases"])
     parts = mx.depends(parts, [after])
     return mx.dequantize(
         parts[0],
@@ -39,23 +33,6 @@ def _dequantized(
         bits=layer.bits,
         mode=layer.mode,
     )
-
-
-def _input_gradient(layer: nn.QuantizedLinear, cotangent: mx.array) -> mx.array:
-    """cotangent @ W, W dequantized a piece of rows at a time where it is large: each piece
-    waits for the sum so far, so one piece is dequantized at a time."""
-    out_features, groups = layer["scales"].shape
-    row_bytes = groups * layer.group_size * layer["scales"].dtype.size  # dequantized
-    step = max(1, BACKWARD_PIECE_BYTES // row_bytes)
-    if step >= out_features:
-        return cotangent @ _dequantized(layer, cotangent)
-    total = None
-    for start in range(0, out_features, step):
-        rows = slice(start, start + step)
-        after = cotangent if total is None else total
-        piece = cotangent[..., rows] @ _dequantized(layer, after, rows)
-        total = piece if total is None else total + piece
-    return total
 
 
 class DequantizedLinear(nn.QuantizedLinear):
@@ -69,7 +46,7 @@ class DequantizedLinear(nn.QuantizedLinear):
 
         @matmul.vjp
         def matmul_vjp(primals, cotangent, output):
-            return _input_gradient(self, cotangent)
+            return cotangent @ _dequantized(self, cotangent)
 
         y = matmul(x)
         if "bias" in self:
