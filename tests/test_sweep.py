@@ -457,7 +457,10 @@ def test_trials_in_one_worker_leave_no_residue(make_cfg, tmp_path):
         )
     again = trial.measure(loaded, cfg, probe, limits, meter)
     assert first.state == again.state == "complete"
-    assert again.mlx_peak_bytes == pytest.approx(first.mlx_peak_bytes, rel=0.01)
+    # Within 10 %: the same probe's MLX peak once read 8.5 % higher in a full run (not
+    # reproduced alone). A residue of the heaviest trial's adapters and optimizer state would
+    # be about 16 MB, against the probe's 22 MB peak.
+    assert again.mlx_peak_bytes == pytest.approx(first.mlx_peak_bytes, rel=0.1)
     # What the heavier trials freed went back to the system: it is not in the probe's footprint.
     assert again.peak_bytes - again.start_bytes <= 1.05 * (first.peak_bytes - first.start_bytes)
     # Checkpointing wraps the layer class once: wrappers nesting across these five trials would
