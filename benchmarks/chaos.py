@@ -18,7 +18,7 @@ printed and appended to BENCHMARKS.md.
 
 Without `--limit-gb`, a first run without a limit measures the grid and the limit is put in a
 gap between its footprints. A worker's footprint varies from run to run (on the CPU, the
-allocator's slack varies with what the worker ran before: up to 27 MB of 250 on the full grid
+allocator's slack varies with what the worker ran before: up to 40 MB of 300 on the full grid
 of the tiny model), so a point within that spread of the limit may fit in one run and not in the
 other; the check takes the spread from the two runs' points measured in both, lists such points
 as tolerated, and counts every other difference as a problem.
@@ -410,7 +410,7 @@ def measured_footprints(st) -> dict:
         source = by_number.get(a["dominated_by"]) if "dominated_by" in a else t
         gb = source.user_attrs.get("peak_memory_gb_with_margin") if source else None
         if gb:
-            footprints[tuple(sorted(t.params.items()))] = gb
+            footprints[point(t)] = gb
     return footprints
 
 
@@ -421,7 +421,7 @@ def footprint_spread_gb(st, ref) -> float:
 
     def own(s) -> dict:
         return {
-            tuple(sorted(t.params.items())): t.user_attrs["peak_memory_gb_with_margin"]
+            point(t): t.user_attrs["peak_memory_gb_with_margin"]
             for t in study.measured_grid_trials(s)
             if "dominated_by" not in t.user_attrs
             and t.user_attrs.get("peak_memory_gb_with_margin")
@@ -446,7 +446,7 @@ def check(url: str, name: str, ref, max_retry: int, chaos: dict) -> list[str]:
     problems = []
     st = load(url, name)
     measured = study.measured_grid_trials(st)
-    points = [tuple(sorted(t.params.items())) for t in measured]
+    points = [point(t) for t in measured]
     grid = grid_size(st)
     if len(points) != len(set(points)) or len(points) != grid:
         problems.append(f"{len(points)} grid points measured ({len(set(points))} apart) of {grid}")
@@ -471,20 +471,16 @@ def check(url: str, name: str, ref, max_retry: int, chaos: dict) -> list[str]:
         problems.append(f"retried more than sweep.max_retry={max_retry}: {over_retried}")
 
     def feasible(s) -> set:
-        return {
-            tuple(sorted(t.params.items()))
-            for t in study.measured_grid_trials(s)
-            if t.state == TrialState.COMPLETE
-        }
+        return {point(t) for t in study.measured_grid_trials(s) if t.state == TrialState.COMPLETE}
 
     # A point whose footprint lies within the run-to-run spread of the limit may fit in one run
     # and not in the other: measurement noise, not a lost or misrecorded trial. Any other
     # difference is a problem.
     spread_gb = footprint_spread_gb(st, ref)
     near = {
-        point
+        p
         for s in (st, ref)
-        for point, gb in measured_footprints(s).items()
+        for p, gb in measured_footprints(s).items()
         if abs(gb - limit_gb) <= spread_gb
     }
     differ = feasible(st) ^ feasible(ref)
@@ -496,9 +492,7 @@ def check(url: str, name: str, ref, max_retry: int, chaos: dict) -> list[str]:
     # Points of equal score are ranked by throughput, which differs from run to run: the
     # winner's score must match (unless a point within the spread decided it), and the
     # feasible sets above hold the rest.
-    noisy_winner = any(
-        t is not None and tuple(sorted(t.params.items())) in tolerated for t in (best, ref_best)
-    )
+    noisy_winner = any(t is not None and point(t) in tolerated for t in (best, ref_best))
     if (
         best is None
         or ref_best is None
