@@ -203,7 +203,7 @@ def inject(
             detail = f"trial worker pid {pid} (trial {victim.number}, {describe(victim)})"
         elif fault in ("kill_sweep", "term_sweep"):
             # A sweep at work (holding a trial), so the fault has something to lose.
-            busy = [p for p in at_work(sweeps, name) if p.pid not in spared_sweeps]
+            busy = [p for p in at_work(sweeps, running) if p.pid not in spared_sweeps]
             if not busy:
                 time.sleep(0.2)
                 continue
@@ -221,7 +221,7 @@ def inject(
                 detail = f"sweep {proc.index} (pid {proc.pid})"
         else:
             # The first sweep at work: it waits less than the outage lasts, so it must give up.
-            first = [p for p in at_work(sweeps, name) if p.index == 0]
+            first = [p for p in at_work(sweeps, running) if p.index == 0]
             if not first or first[0].pid in spared_sweeps:
                 time.sleep(0.2)
                 continue
@@ -256,10 +256,9 @@ def finished(url: str, name: str) -> int | None:
     return len(trials)
 
 
-def at_work(sweeps: Sweeps, name: str) -> list:
-    """The running sweeps that hold a trial in a worker's hands."""
-    trials = [t for t in running_trials(sweeps.url, name) if "worker_pid" in t.user_attrs]
-    owners = {owner_pid(t) for t in trials}
+def at_work(sweeps: Sweeps, running: list) -> list:
+    """The running sweeps that hold one of the `running` trials in a worker's hands."""
+    owners = {owner_pid(t) for t in running if "worker_pid" in t.user_attrs}
     return [p for p in sweeps.running() if p.pid in owners]
 
 
@@ -398,15 +397,18 @@ def run_chaos(
     }
 
 
-def measured_footprints(st) -> dict:
+def measured_footprints(st, own_only: bool = False) -> dict:
     """Each grid point's footprint (GB, with the margin) as the study measured it: its own
-    trial's, or, for a point pruned by dominance, that of the point that dominated it."""
+    trial's, or, for a point pruned by dominance, that of the point that dominated it (left out
+    with `own_only`)."""
     from your_ai import study
 
     by_number = {t.number: t for t in st.trials}
     footprints = {}
     for t in study.measured_grid_trials(st):
         a = t.user_attrs
+        if own_only and "dominated_by" in a:
+            continue
         source = by_number.get(a["dominated_by"]) if "dominated_by" in a else t
         gb = source.user_attrs.get("peak_memory_gb_with_margin") if source else None
         if gb:
@@ -417,17 +419,7 @@ def measured_footprints(st) -> dict:
 def footprint_spread_gb(st, ref) -> float:
     """The largest difference between the two studies' footprints of a point both measured
     (its own trial in each, not a dominating point's)."""
-    from your_ai import study
-
-    def own(s) -> dict:
-        return {
-            point(t): t.user_attrs["peak_memory_gb_with_margin"]
-            for t in study.measured_grid_trials(s)
-            if "dominated_by" not in t.user_attrs
-            and t.user_attrs.get("peak_memory_gb_with_margin")
-        }
-
-    ours, theirs = own(st), own(ref)
+    ours, theirs = measured_footprints(st, own_only=True), measured_footprints(ref, own_only=True)
     return max((abs(ours[p] - theirs[p]) for p in ours.keys() & theirs.keys()), default=0.0)
 
 

@@ -120,26 +120,26 @@ def parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def parameter_count(arch: dict) -> int:
-    """The Llama's parameters: embeddings, attention, MLP and norms of every layer, the head."""
-    hidden, inter, vocab = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
-    heads = arch["num_attention_heads"]
+def layer_matrix_parameters(arch: dict) -> int:
+    """A decoder layer's attention and MLP matrices (its norms left out)."""
+    hidden, heads = arch["hidden_size"], arch["num_attention_heads"]
     kv = arch.get("num_key_value_heads") or heads
     head_dim = arch.get("head_dim") or hidden // heads
-    attention = hidden * head_dim * (2 * heads + 2 * kv)
-    layer = attention + 3 * hidden * inter + 2 * hidden
+    return hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * arch["intermediate_size"]
+
+
+def parameter_count(arch: dict) -> int:
+    """The Llama's parameters: embeddings, attention, MLP and norms of every layer, the head."""
+    hidden, vocab = arch["hidden_size"], arch["vocab_size"]
+    layer = layer_matrix_parameters(arch) + 2 * hidden
     head = 0 if arch.get("tie_word_embeddings") else vocab * hidden
     return vocab * hidden + arch["num_hidden_layers"] * layer + hidden + head
 
 
 def largest_layer_bytes(arch: dict, dtype: str) -> int:
     """The largest layer's weights in `dtype`: a decoder layer's or the output head's."""
-    hidden, inter, vocab = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
-    heads = arch["num_attention_heads"]
-    kv = arch.get("num_key_value_heads") or heads
-    head_dim = arch.get("head_dim") or hidden // heads
-    layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter
-    return max(layer, vocab * hidden) * (4 if dtype == "float32" else 2)
+    largest = max(layer_matrix_parameters(arch), arch["vocab_size"] * arch["hidden_size"])
+    return largest * (4 if dtype == "float32" else 2)
 
 
 def step_flops(n_params: float, layers: int, lora_layers: int, tokens: int, ckpt: bool) -> float:
