@@ -12,7 +12,7 @@ measured through both frameworks in their own processes, and MFU is over the bet
 
     python benchmarks/peer_torch.py --out DIR [--parts ours-ckpt,torch-compile-ckpt,...]
         [--arch hidden_size=64 ...] [--batch 4 --seq 1024 --rank 128 --lora-layers 24]
-        [--budget-s 540] [--torch-python PYTHON] [--output FILE]
+        [--extra OVERRIDE ...] [--budget-s 540] [--torch-python PYTHON] [--output FILE]
 
 Parts (CONFIGS below): matmul-{mlx,torch}; ours-{ckpt,plain}; ours-chunked-{ckpt,plain}
 (training.loss_chunk_tokens=1024); ours-input-{ckpt,plain} (lora.compute_dtype=input);
@@ -283,6 +283,7 @@ def our_overrides(spec: dict) -> list[str]:
         f"sweep.warmup_steps={spec['warmup']}",
         "sweep.early_stop=false",
         *spec.get("overrides", []),
+        *spec["extra"],
     ]
 
 
@@ -506,6 +507,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--alpha", type=float, default=256.0)
     parser.add_argument("--lora-layers", type=int, default=24)
+    parser.add_argument("--extra", nargs="*", default=[], help="our overrides added to every "
+                        "ours and memory part, e.g. cuda_ops_per_buffer=6")  # fmt: skip
     parser.add_argument("--steps", type=int, default=10, help="timed steps (the median)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones")
     parser.add_argument("--matmul-size", type=int, default=8192)
@@ -544,6 +547,7 @@ def main() -> None:
         "rank": args.rank,
         "alpha": args.alpha,
         "lora_layers": args.lora_layers,
+        "extra": args.extra,
         "steps": args.steps,
         "warmup": args.warmup,
         "matmul_size": args.matmul_size,

@@ -126,3 +126,20 @@ def test_each_dequantization_runs_just_before_its_product():
     base = mx.get_active_memory()
     mx.eval(mx.grad(chain)(x))
     assert mx.get_peak_memory() - base < 6 * 1024 * 1024 * 4
+
+
+@pytest.mark.parametrize("random_weights", [False, True], ids=["from-file", "built"])
+def test_quantized_base_never_holds_its_full_precision_copy(make_cfg, random_weights):
+    """Loading (or building) a model and quantizing it evaluates one module at a time: MLX's
+    peak stays far below the full-precision weights, which it would hold whole if the model were
+    evaluated before quantizing (as mlx-lm's load does)."""
+    cfg = make_cfg("model=tiny-q4", f"model.random_weights={str(random_weights).lower()}")
+    models.load(cfg.model, cfg.paths.models)  # the model directory is built once, in float32
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    loaded = models.load(cfg.model, cfg.paths.models)
+    peak = mx.get_peak_memory()
+    lazy = models.build_from_architecture(loaded.config, "float32", 0, evaluate=False)
+    full_precision = sum(4 * v.size for _, v in tree_flatten(lazy.parameters()))
+    assert loaded.weight_bytes < full_precision / 4
+    assert peak < full_precision / 2, (peak, full_precision, loaded.weight_bytes)

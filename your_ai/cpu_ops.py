@@ -9,6 +9,8 @@ that fused arithmetic (a range reduction to 2^n * 2^f and a degree-5 polynomial,
 
 import mlx.core as mx
 
+from your_ai.swiglu import recomputing_swiglu
+
 LOG2E = 1.4426950408889634
 # Adding 1.5 * 2^23 to a float32 of magnitude below 2^22 rounds it to the nearest integer, which
 # then sits in the low mantissa bits; subtracting these bits less the exponent bias leaves n + 127.
@@ -54,19 +56,5 @@ def _softmax_vjp(primals, cotangent, output):
     return ((p * (g - mx.sum(g * p, axis=-1, keepdims=True))).astype(cotangent.dtype),)
 
 
-@mx.custom_function
-def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    return (gate * sigmoid(gate)).astype(x.dtype) * x
-
-
-@swiglu.vjp
-def _swiglu_vjp(primals, cotangent, output):
-    gate, x = primals
-    # Recomputed from `gate * 1.0`, a node of its own: from `gate`, mx.compile merges it with the
-    # forward pass's sigmoid, which then stays in memory from each layer's forward pass to its
-    # backward pass: 4-7 % of a compiled step's peak on the tiny model (BENCHMARKS.md).
-    s = sigmoid(gate * 1.0)
-    g = cotangent.astype(mx.float32)
-    d_gate = g * x * s * (1.0 + gate * (1.0 - s))
-    d_x = g * gate * s
-    return d_gate.astype(gate.dtype), d_x.astype(x.dtype)
+# The gradient recomputes the sigmoid rather than keep it (your_ai/swiglu.py).
+swiglu = recomputing_swiglu(sigmoid)

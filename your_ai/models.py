@@ -73,14 +73,31 @@ def model_classes(config: dict):
         raise UserError(f"model.architecture: {err}") from None
 
 
-def build_from_architecture(config: dict, dtype: str, seed: int) -> nn.Module:
-    """A model of this architecture with random weights: no weights are read or downloaded."""
+def build_from_architecture(
+    config: dict, dtype: str, seed: int, evaluate: bool = True
+) -> nn.Module:
+    """A model of this architecture with random weights: no weights are read or downloaded.
+    With evaluate=False the weights stay lazy (see `materialize`)."""
     model_class, args_class = model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     model.set_dtype(getattr(mx, dtype))
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
     return model
+
+
+def materialize(model: nn.Module) -> None:
+    """Evaluate a lazily built or loaded model one module at a time.
+
+    Evaluated at once, MLX computes many modules' full-precision weights before quantizing any
+    (a 4-bit 8B held its whole bf16 copy); module by module, only the module being quantized is
+    held in full precision beside the finished ones.
+    """
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            mx.eval(module.parameters())
+    mx.eval(model.parameters())
 
 
 def build_model_dir(path: Path, architecture: dict, seed: int = 0) -> None:
@@ -153,7 +170,7 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
     if model_cfg.random_weights:
         if (local / "config.json").exists():
             architecture = json.loads((local / "config.json").read_text())
-        model = build_from_architecture(architecture, dtype, seed)
+        model = build_from_architecture(architecture, dtype, seed, evaluate=False)
         has_tokenizer = (local / "tokenizer_config.json").exists()
         tokenizer = (
             load_tokenizer(local) if has_tokenizer else embedded_tokenizer(Path(models_dir))
@@ -162,7 +179,7 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
         if looks_local(path) and not local.exists():
             raise UserError(f"model.path={path}: no such directory")
         try:
-            model, tokenizer = mlx_lm_load(path)
+            model, tokenizer = mlx_lm_load(path, lazy=True)
         except Exception as err:  # noqa: BLE001 - mlx-lm raises many kinds for a missing model
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"model.path={path}: cannot load the model ({first})") from None
@@ -182,6 +199,10 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
     if model_cfg.quantize:
         quantize(model, model_cfg.quantize)
     model.freeze()
-    mx.eval(model.parameters())
+    try:
+        materialize(model)
+    except (RuntimeError, ValueError) as err:  # a weight file that fails once it is read
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model.path={path}: cannot load the model ({first})") from None
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return LoadedModel(model, tokenizer, architecture, len(model.layers), weight_bytes)
