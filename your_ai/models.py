@@ -94,8 +94,9 @@ def materialize(model: nn.Module) -> None:
     (a 4-bit 8B held its whole bf16 copy); module by module, only the module being quantized is
     held in full precision beside the finished ones.
     """
+    weighted = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
     for _, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(module, weighted):
             mx.eval(module.parameters())
     mx.eval(model.parameters())
 
