@@ -80,6 +80,11 @@ RUNS = {
         *("--batch", "2", "--seq", "32", "--rank", "4", "--alpha", "8", "--lora-layers", "2"),
         *("--steps", "2", "--warmup", "1"),
     ],
+    "test_step_parts": lambda tmp: [
+        "step_parts.py",
+        *("--tokens", "128", "--seq", "64", "--hidden", "64", "--intermediate", "128"),
+        *("--heads", "4", "--kv-heads", "2", "--vocab", "256", "--rank", "4", "--repeats", "1"),
+    ],
     "test_mlx_lm_step": lambda tmp: [
         "mlx_lm_step.py",
         "--out",
@@ -242,6 +247,21 @@ def test_gpu_script_runs_on_the_cpu(runs):
         runs.result("test_gpu_script_runs_on_the_cpu") / "gpu" / "BENCHMARKS-gpu.md"
     ).read_text()
     assert "gpu-quick-plain" in text and "gpu-quick-ckpt-nodom" in text
+
+
+@pytest.mark.slow
+def test_step_parts(runs):
+    text = bench(runs, "test_step_parts")
+    timed = [
+        line for line in text.splitlines() if line.startswith("| ") and "operation" not in line
+    ]
+    assert len(timed) == 21
+    for line in timed:
+        assert float(line.split("|")[2]) > 0, line
+    for way in ("MLX's own", "padded (ours)", "blocked backward (ours)"):
+        assert (
+            f"| attention, 63 tokens, {way}" in text and f"| attention, 64 tokens, {way}" in text
+        )
 
 
 @pytest.mark.slow

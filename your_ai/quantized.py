@@ -15,15 +15,21 @@ MLX's quantized matmul.
 import mlx.core as mx
 import mlx.nn as nn
 
+# Rows of a weight dequantized at once: the output head at a large vocabulary (1 GB in bf16 for
+# Llama 3's 128,256 x 4096) is multiplied in pieces of this size, forward and backward.
+PIECE_BYTES = 256 * 2**20
 
-def _dequantized(layer: nn.QuantizedLinear, after: mx.array) -> mx.array:
+
+def _dequantized(
+    layer: nn.QuantizedLinear, after: mx.array, rows: slice = slice(None)
+) -> mx.array:
     # MLX evaluates a graph depth first from its outputs, and a dequantization that depends only
     # on the (already evaluated) 4-bit weights may run as soon as the evaluation starts: every
     # layer's dequantized weights would then be held at once, as many bytes as the bf16 base.
     # Tying it to `after` (the matmul's other operand) runs it just before its matmul.
-    parts = [layer["weight"], layer["scales"]]
+    parts = [layer["weight"][rows], layer["scales"][rows]]
     if "biases" in layer:
-        parts.append(layer["biases"])
+        parts.append(layer["biases"][rows])
     parts = mx.depends(parts, [after])
     return mx.dequantize(
         parts[0],
@@ -35,6 +41,42 @@ def _dequantized(layer: nn.QuantizedLinear, after: mx.array) -> mx.array:
     )
 
 
+def _pieces(layer: nn.QuantizedLinear) -> list[slice]:
+    out_features, groups = layer["scales"].shape
+    row_bytes = groups * layer.group_size * layer["scales"].dtype.size  # dequantized
+    step = max(1, PIECE_BYTES // row_bytes)
+    return [slice(start, start + step) for start in range(0, out_features, step)]
+
+
+def _product(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
+    """x @ W.T, W dequantized one piece of rows at a time, each written into the output in
+    place (slice_update donates the output's buffer) once the previous piece is done."""
+    pieces = _pieces(layer)
+    if len(pieces) == 1:
+        return x @ _dequantized(layer, x).T
+    y = None
+    for rows in pieces:
+        part = x @ _dequantized(layer, x if y is None else mx.depends(x, y), rows).T
+        if y is None:
+            y = mx.zeros((*x.shape[:-1], layer["scales"].shape[0]), dtype=part.dtype)
+        y = mx.slice_update(y, part, mx.array([rows.start]), axes=(-1,))
+    return y
+
+
+def _input_gradient(layer: nn.QuantizedLinear, cotangent: mx.array) -> mx.array:
+    """cotangent @ W, W dequantized one piece of rows at a time, each waiting for the sum so
+    far."""
+    pieces = _pieces(layer)
+    if len(pieces) == 1:
+        return cotangent @ _dequantized(layer, cotangent)
+    total = None
+    for rows in pieces:
+        after = cotangent if total is None else total
+        part = cotangent[..., rows] @ _dequantized(layer, after, rows)
+        total = part if total is None else total + part
+    return total
+
+
 class DequantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear, same parameters, multiplying by its weight dequantized per use."""
 
@@ -42,11 +84,11 @@ class DequantizedLinear(nn.QuantizedLinear):
         # The weight is closed over, not an argument: it is frozen, so only x has a gradient.
         @mx.custom_function
         def matmul(x):
-            return x @ _dequantized(self, x).T
+            return _product(self, x)
 
         @matmul.vjp
         def matmul_vjp(primals, cotangent, output):
-            return cotangent @ _dequantized(self, cotangent)
+            return _input_gradient(self, cotangent)
 
         y = matmul(x)
         if "bias" in self:
