@@ -129,9 +129,9 @@ def test_each_dequantization_runs_just_before_its_product():
 
 
 def test_a_large_weight_is_dequantized_a_piece_at_a_time(monkeypatch):
-    """The output head's product (here 8192 x 512) forward and backward, with and without
-    pieces of 1 MB: in pieces the peak stays below the one dequantized weight; whole, MLX's CPU
-    held several copies of it (68 MB for a 16 MB weight); the values are the same."""
+    """The output head's product (here 8192 x 512) forward and backward on the CPU, with and
+    without pieces of 1 MB: in pieces the peak stays below the one dequantized weight; whole,
+    MLX held several copies of it (68 MB for a 16 MB weight); the values are the same."""
     mx.random.seed(0)
     layer = nn.QuantizedLinear.from_linear(nn.Linear(512, 8192, bias=False), 64, 4)
     layer.__class__ = quantized.DequantizedLinear
@@ -140,7 +140,7 @@ def test_a_large_weight_is_dequantized_a_piece_at_a_time(monkeypatch):
     weight_bytes = 8192 * 512 * 4
 
     def run(piece_bytes: int):
-        monkeypatch.setattr(quantized, "PIECE_BYTES", piece_bytes)
+        monkeypatch.setattr(quantized, "PIECE_BYTES", {"cpu": piece_bytes})
         mx.reset_peak_memory()
         base = mx.get_active_memory()
         value, grad = mx.value_and_grad(lambda x: (layer(x) * g).sum())(x)
