@@ -6,12 +6,12 @@ to 128, but its gradient falls back to the unfused composition of ops over the f
 matrix whenever L is not a multiple of 128, and a training batch's inputs are one token shorter
 than its rows (1023 for rows of 1024): that backward pass took a third of an 8B LoRA step on an
 H100. Here such attention is padded at the end to a multiple of 128 with zero rows, which no real
-query sees under the causal mask, and the fused gradient runs (on an H200, 0.77 ms for 4 x 1024
-tokens of an 8B layer, forward and backward). Attention cuDNN does not take keeps the fused
-forward pass with a backward pass that recomputes the scores one query block at a time against
-only the keys that block can see, in layouts the GPU's batched matmul takes without copies (2.3
-ms at that shape). On the CPU, where nothing is fused, the forward pass is blocked the same way
-and uses the vectorised softmax of `cpu_ops`.
+query sees under the causal mask, and the fused gradient runs: forward and backward for an 8B
+layer's 4 x 1023 tokens took 0.90 ms on an H200, against 4.6 ms through MLX's unfused gradient.
+Attention cuDNN does not take keeps the fused forward pass with a backward pass that recomputes
+the scores one query block at a time against only the keys that block can see, in layouts the
+GPU's batched matmul takes without copies (3.0 ms at that shape). On the CPU, where nothing is
+fused, the forward pass is blocked the same way and uses the vectorised softmax of `cpu_ops`.
 """
 
 import math

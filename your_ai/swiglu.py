@@ -1,10 +1,10 @@
 """SwiGLU whose gradient recomputes its sigmoid instead of keeping it.
 
 mlx-lm's `swiglu(gate, x)` is `silu(gate) * x`, differentiated by MLX. Under `mx.compile` the
-backward pass then reads the sigmoid (or SiLU) computed in the forward pass, so a gate-sized array
-per layer is kept from each layer's forward pass to its backward pass: with no checkpointing, for
-an 8B Llama at 4 x 1024 tokens, about 117 MB per layer. Here the gradient is written out from the
-gate and x alone, which the backward pass reads anyway.
+backward pass then reads the sigmoid (or SiLU) computed in the forward pass, so at least one
+gate-sized array per layer is kept from each layer's forward pass to its backward pass. Here the
+gradient is written out from the gate and x alone, which the backward pass reads anyway: an 8B
+step at 4 x 1024 tokens without checkpointing held 34.6 GB on an H200 instead of 39.5.
 """
 
 from collections.abc import Callable
