@@ -184,6 +184,45 @@ def test_routed_model_trains_like_mlx_lm(tmp_path, monkeypatch):
     assert logits.shape == (1, 3, 260)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_routed_as_on_cuda_trains_like_mlx_lm(tmp_path, monkeypatch, dtype):
+    """The layers as CUDA runs them, here on the CPU: SwiGLU recomputing its sigmoid, and the
+    attention padded for MLX's fused gradient (bf16; the tiny model's 39 inputs to 128) or with
+    the blocked backward (float32). In float32 the loss and every LoRA gradient are mlx-lm's; in
+    bf16 they are no further from the float32 model's than mlx-lm's own bf16 step's are (its
+    rounding moves the gradients by about 10 %)."""
+    from tests.conftest import compose_config
+
+    def config(dtype):
+        return compose_config([f"paths.models={tmp_path}/models", f"model.dtype={dtype}"])
+
+    exact_value, exact_grads = loss_and_grads(config("float32"), False, "float32", monkeypatch)
+    ref_value, ref_grads = loss_and_grads(config(dtype), False, "float32", monkeypatch)
+    monkeypatch.setattr(device, "backend", lambda: "cuda")
+    routed = {}
+    for name in ("padded_causal_attention", "blocked_causal_attention"):
+        original = getattr(attention, name)
+
+        def counted(*args, name=name, original=original):
+            routed[name] = routed.get(name, 0) + 1
+            return original(*args)
+
+        monkeypatch.setattr(attention, name, counted)
+    value, grads = loss_and_grads(config(dtype), True, "float32", monkeypatch)
+    expected = "padded_causal_attention" if dtype == "bfloat16" else "blocked_causal_attention"
+    assert list(routed) == [expected]
+    assert grads.keys() == ref_grads.keys() == exact_grads.keys()
+    if dtype == "float32":
+        assert value == pytest.approx(ref_value, rel=1e-6)
+        for name in grads:
+            assert relative_error(grads[name], ref_grads[name]) < 1e-4, name
+        return
+    assert abs(value - exact_value) <= 1.25 * abs(ref_value - exact_value) + 1e-4
+    ours = max(relative_error(grads[n], exact_grads[n]) for n in grads)
+    mlx_lm = max(relative_error(ref_grads[n], exact_grads[n]) for n in grads)
+    assert ours <= 1.25 * mlx_lm, (ours, mlx_lm)
+
+
 def test_unknown_compute_dtype_is_a_user_error(tmp_path):
     from tests.conftest import compose_config
     from your_ai.errors import UserError
