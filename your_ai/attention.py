@@ -14,6 +14,7 @@ GPU's batched matmul takes without copies (3.0 ms at that shape). On the CPU, wh
 fused, the forward pass is blocked the same way and uses the vectorised softmax of `cpu_ops`.
 """
 
+import functools
 import math
 import sys
 
@@ -95,12 +96,20 @@ def _blocked_backward(q, k, v, out, d_out, scale):
 FUSED_GRADIENT_TILE = 128
 
 
+@functools.cache
+def _cudnn_attention_device() -> bool:
+    # cuDNN's fused attention needs compute capability 8 (Ampere) or later; a device that does
+    # not report one (the CPU, where the tests run this path) is not held to it.
+    major = mx.device_info().get("compute_capability_major")
+    return major is None or int(major) >= 8
+
+
 def fused_gradient(q: mx.array, v: mx.array) -> bool:
     """Whether MLX's CUDA backend runs this attention's gradient as cuDNN's fused kernel once
     the length is a multiple of FUSED_GRADIENT_TILE (MLX 0.32's `supports_sdpa_cudnn`)."""
     dims = (q.shape[-1], v.shape[-1])
     half = q.dtype in (mx.bfloat16, mx.float16)
-    return half and all(d % 8 == 0 and d <= 128 for d in dims)
+    return half and all(d % 8 == 0 and d <= 128 for d in dims) and _cudnn_attention_device()
 
 
 def padded_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
