@@ -11,6 +11,13 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, nothing stored is touched."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line, or its type where it has none: what a
+    one-line error quotes of a library's exception."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def terminate(signum, frame) -> None:
     """SIGTERM as Ctrl-C: a command ends through its cleanup (a trial is given back)."""
     raise SystemExit(128 + signum)

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig
 
 from your_ai import CONF_DIR, config, record, study
-from your_ai.errors import UserError, exit_on_user_error
+from your_ai.errors import UserError, exit_on_user_error, first_line
 from your_ai.files import atomic_write
 
 
@@ -339,8 +339,7 @@ def profiles_directory(overrides: list[str]) -> Path:
             cfg = compose(config_name="config", overrides=overrides)
         return Path(cfg.paths.profiles)
     except HydraException as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(f"{' '.join(overrides)}: {first}") from None
+        raise UserError(f"{' '.join(overrides)}: {first_line(err)}") from None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 from omegaconf import DictConfig, OmegaConf
 
 from your_ai.config import builds_locally, looks_local
-from your_ai.errors import UserError
+from your_ai.errors import UserError, first_line
 from your_ai.files import publish_dir
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -145,7 +145,7 @@ def quantize(model: nn.Module, setting: DictConfig) -> None:
         nn.quantize(model, group_size=group_size, bits=bits)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         given = OmegaConf.to_container(setting) if OmegaConf.is_config(setting) else setting
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(
             f"model.quantize={given}: {first} (expected {{bits: 4, group_size: 64}})"
         ) from None
@@ -182,7 +182,7 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
         try:
             model, tokenizer = mlx_lm_load(path, lazy=True)
         except Exception as err:  # noqa: BLE001 - mlx-lm raises many kinds for a missing model
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise UserError(f"model.path={path}: cannot load the model ({first})") from None
         config_file = local / "config.json"
         if config_file.exists():
@@ -203,7 +203,7 @@ def load(model_cfg: DictConfig, models_dir: str | Path, seed: int = 0) -> Loaded
     try:
         materialize(model)
     except (RuntimeError, ValueError) as err:  # a weight file that fails once it is read
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(f"model.path={path}: cannot load the model ({first})") from None
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return LoadedModel(model, tokenizer, architecture, len(model.layers), weight_bytes)

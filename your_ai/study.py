@@ -34,7 +34,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 
-from your_ai.errors import UserError
+from your_ai.errors import UserError, first_line
 from your_ai.record import ALL_AXES, LENGTH, LENGTH_AXIS, axis_names, ranking, weight
 
 # Heartbeats are used with ask/tell here (the sweep records them while a worker measures).
@@ -197,7 +197,7 @@ def open_storage(url: str, sweep) -> optuna.storages.BaseStorage:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return rdb_storage(url, sweep)
     except Exception as err:  # noqa: BLE001 - drivers raise their own kinds
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(
             f"sweep.storage={redact(url)}: cannot open the storage ({first})"
         ) from None
@@ -256,9 +256,7 @@ def root_message(err: BaseException) -> str:
         if id(err) in seen:
             break
         seen.add(id(err))
-    orig = getattr(err, "orig", None) or err
-    text = str(orig).strip()
-    return text.splitlines()[0] if text else type(orig).__name__
+    return first_line(getattr(err, "orig", None) or err)
 
 
 class StorageGuard:
@@ -350,7 +348,7 @@ def open_study(storage, url: str, name: str, settings: dict, space: dict, max_re
     except Exception as err:  # noqa: BLE001
         if connection_lost(err):
             raise  # for the sweep's StorageGuard to wait for
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err)
         raise UserError(f"sweep.storage={redact(url)}: cannot use the storage ({first})") from None
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     stored = study.user_attrs.get("settings")

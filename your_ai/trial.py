@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from omegaconf import DictConfig
 
 from your_ai import config, data, footprint, step
+from your_ai.errors import first_line
 from your_ai.models import LoadedModel
 from your_ai.record import Limits, Measurement, Step, trial_config
 
@@ -163,9 +164,8 @@ def measure(
         if not is_out_of_memory(err):
             raise
         result.peak_bytes, result.mlx_peak_bytes = memory.read()
-        first_line = str(err).strip().splitlines()[0][:200]
         result.state, result.memory = "pruned", True
-        result.reason = f"out of memory: {first_line}"
+        result.reason = f"out of memory: {first_line(err)[:200]}"
         return result
     finally:
         step.remove_lora(model)
