@@ -73,6 +73,36 @@ def rows_for(args) -> list[list]:
         add(f"matmul {name}, backward dY @ W", lambda dy, w: dy @ w, (dy, w), flops)
     del x, w, dy
 
+    # q, k and v read the same input: three products, or one on their concatenated weights
+    # (forward, and the input's gradient; the weights are frozen).
+    kv_out = args.kv_heads * head_dim
+    x = normal(tokens, hidden)
+    weights = [normal(hidden, hidden), normal(kv_out, hidden), normal(kv_out, hidden)]
+    fused = mx.concatenate(weights, axis=0)
+    cotangents = [normal(tokens, hidden), normal(tokens, kv_out), normal(tokens, kv_out)]
+    qkv_flops = 2 * 2 * tokens * (hidden + 2 * kv_out) * hidden
+
+    def separate(x, wq, wk, wv, cotangents=cotangents):
+        return mx.vjp(lambda x: [x @ wq.T, x @ wk.T, x @ wv.T], [x], cotangents)
+
+    def concatenated(x, w, cotangents=cotangents):
+        split = [hidden, hidden + kv_out]
+        return mx.vjp(lambda x: mx.split(x @ w.T, split, axis=-1), [x], cotangents)
+
+    add(
+        "q, k, v: three products, forward + backward",
+        mx.compile(separate),
+        (x, *weights),
+        qkv_flops,
+    )
+    add(
+        "q, k, v: one concatenated product, forward + backward",
+        mx.compile(concatenated),
+        (x, fused),
+        qkv_flops,
+    )
+    del x, weights, fused, cotangents
+
     rank = args.rank
     x = normal(tokens, hidden)
     a, b = normal(hidden, rank, dtype=mx.float32), normal(rank, hidden, dtype=mx.float32)

@@ -170,3 +170,42 @@ def test_quantized_base_never_holds_its_full_precision_copy(make_cfg, random_wei
     full_precision = sum(4 * v.size for _, v in tree_flatten(lazy.parameters()))
     assert loaded.weight_bytes < full_precision / 4
     assert peak < full_precision / 2, (peak, full_precision, loaded.weight_bytes)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["checkpointed", "plain"])
+def test_dequantizations_in_a_step(make_cfg, monkeypatch, checkpoint):
+    """How often a step's graph dequantizes each weight: the output head once (its backward pass
+    multiplies by the forward pass's copy; before, it dequantized twice); a LoRA layer's weights
+    in the forward pass, again in the backward pass, and with checkpointing once more in the
+    recomputed forward pass, so that no layer's dequantized weights are kept from one pass to the
+    other."""
+    cfg = make_cfg("model=tiny-q4", "training.max_seq_length=24")
+    model = models.load(cfg.model, cfg.paths.models).model
+    step.apply_lora(
+        model, 3, step.lora_parameters(cfg.lora, 4), checkpoint, "float32", "dequantize"
+    )
+    vocab = model.lm_head["scales"].shape[0]
+    calls = {"head": 0, "layers": 0}
+    dequantize = mx.dequantize
+
+    def counting(w, *args, **kwargs):
+        if w.ndim == 2:  # not the embedding's rows, gathered per token
+            calls["head" if w.shape[0] == vocab else "layers"] += 1
+        return dequantize(w, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "dequantize", counting)
+    batch = step.to_mx(data.synthetic_batch(256, 2, 24, 0))
+
+    def objective(m):
+        *arrays, offsets = batch
+        return loss.loss_fn(
+            m, *arrays, alpha=2.7, lambda_weight=0.6, mode="weighted", offsets=offsets
+        )[0]
+
+    value, grads = nn.value_and_grad(model, objective)(model)
+    mx.eval(value, grads)
+    step.remove_lora(model)
+    # Without checkpointing, the lowest LoRA layer's q, k and v have no backward product: nothing
+    # below them takes a gradient.
+    layers = 3 * 7 * 3 if checkpoint else 3 * 7 * 2 - 3
+    assert calls == {"head": 1, "layers": layers}

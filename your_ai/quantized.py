@@ -4,12 +4,14 @@ MLX's quantized matmul is fast forward, but the backward pass of a LoRA step mul
 transposed quantized weights too, and on CUDA in MLX 0.32 a 4-bit 8B step ran 3.4x slower than
 the bf16 one. `training.quantized_matmul=dequantize` makes the layers the backward pass runs
 through (the LoRA layers and the output head) dequantize their weights at each use and multiply
-in plain floating point: both passes are then the bf16 step's matmuls. The backward pass
-dequantizes again rather than keep the forward's copy, so no dequantized weight is kept from one
-pass to the other, with or without checkpointing: beyond the 4-bit weights, only the weights
-being multiplied are dequantized, each just before its product (the output head's, 1 GB in bf16
-at the 8B's vocabulary, is the largest). Layers below the LoRA ones only run forward and keep
-MLX's quantized matmul.
+in plain floating point: both passes are then the bf16 step's matmuls. Beyond the 4-bit weights,
+only the weights being multiplied are dequantized, each just before its product. A layer's
+backward pass dequantizes again rather than keep the forward's copy, so no layer's dequantized
+weights are kept from one pass to the other, with or without checkpointing. The output head,
+whose backward pass comes right after the loss, keeps its forward pass's copy instead: on an
+H200, dequantizing it again held both copies at once (a buffer is freed only once the GPU has
+run what reads it, and the two products are a few operations apart). Layers below the LoRA ones
+only run forward and keep MLX's quantized matmul.
 """
 
 import mlx.core as mx
@@ -88,9 +90,19 @@ def _input_gradient(layer: nn.QuantizedLinear, cotangent: mx.array) -> mx.array:
 
 
 class DequantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear, same parameters, multiplying by its weight dequantized per use."""
+    """nn.QuantizedLinear, same parameters, multiplying by its weight dequantized per use.
+
+    With `_keep_for_backward` (the output head's, set by `use_dequantized`), the backward pass
+    multiplies by the forward pass's copy (MLX's own gradient of the product)."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        if getattr(self, "_keep_for_backward", False) and len(_pieces(self)) == 1:
+            y = x @ _dequantized(self, x).T
+        else:
+            y = self._dequantizing_again(x)
+        return y + self["bias"] if "bias" in self else y
+
+    def _dequantizing_again(self, x: mx.array) -> mx.array:
         # The weight is closed over, not an argument: it is frozen, so only x has a gradient.
         @mx.custom_function
         def matmul(x):
@@ -100,10 +112,7 @@ class DequantizedLinear(nn.QuantizedLinear):
         def matmul_vjp(primals, cotangent, output):
             return _input_gradient(self, cotangent)
 
-        y = matmul(x)
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
+        return matmul(x)
 
 
 def _quantized_linears(module: nn.Module):
@@ -112,11 +121,13 @@ def _quantized_linears(module: nn.Module):
 
 def use_dequantized(model: nn.Module, num_layers: int) -> int:
     """Switch the last `num_layers` layers' and the output head's quantized linears to
-    DequantizedLinear; returns how many. The class is swapped in place, so parameter names,
-    arrays and the LoRA wrappers around them stay as they are, and `restore` undoes it."""
+    DequantizedLinear, the head keeping its forward pass's copy for the backward pass; returns
+    how many. The class is swapped in place, so parameter names, arrays and the LoRA wrappers
+    around them stay as they are, and `restore` undoes it."""
     modules = [m for layer in model.layers[-num_layers:] for m in _quantized_linears(layer)]
     head = model.get("lm_head")
     if type(head) is nn.QuantizedLinear:
+        head._keep_for_backward = True
         modules.append(head)
     for module in modules:
         module.__class__ = DequantizedLinear
@@ -127,3 +138,4 @@ def restore(model: nn.Module) -> None:
     for _, module in model.named_modules():
         if type(module) is DequantizedLinear:
             module.__class__ = nn.QuantizedLinear
+            module._keep_for_backward = False
