@@ -270,7 +270,9 @@ def owner_pid(trial) -> int | None:
 
 
 def point(trial) -> tuple:
-    return tuple(sorted(trial.params.items()))
+    from your_ai.record import grid_point
+
+    return grid_point(trial.params)
 
 
 def measured_over_limit(st) -> set:

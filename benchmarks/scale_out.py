@@ -44,6 +44,7 @@ def main() -> None:
     import optuna
 
     from your_ai import study
+    from your_ai.record import grid_point
 
     rows = []
     for workers in (1, 4):
@@ -53,9 +54,7 @@ def main() -> None:
         for t in st.trials:
             states[t.state.name] = states.get(t.state.name, 0) + 1
         points = {
-            tuple(sorted(t.params.items()))
-            for t in st.trials
-            if t.state.name in ("COMPLETE", "PRUNED")
+            grid_point(t.params) for t in st.trials if t.state.name in ("COMPLETE", "PRUNED")
         }
         pids = {t.system_attrs.get("your_ai:worker", {}).get("pid") for t in st.trials}
         best = study.ranked_complete(st)[0]  # the sweep's answer, ties broken by throughput

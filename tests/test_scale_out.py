@@ -40,7 +40,7 @@ def spread_limit(tmp_path_factory):
     # From the command line, as the workers run: a worker's baseline depends on its parent.
     finish(workers(tmp, f"sqlite:///{tmp}/optuna.db", "free", 1, *SPREAD_GRID, "sweep.margin=0"))
     free = optuna.load_study(study_name="free", storage=f"sqlite:///{tmp}/optuna.db")
-    peaks = {tuple(sorted(t.params.items())): t.user_attrs["peak_memory_mb"] for t in free.trials}
+    peaks = {record.grid_point(t.params): t.user_attrs["peak_memory_mb"] for t in free.trials}
     limit_mb = limit_in_a_gap(peaks)
     pruned = {k for k, v in peaks.items() if v > limit_mb}
     fitting = [dict(k) for k in peaks if k not in pruned]
@@ -91,7 +91,7 @@ def test_workers_share_the_grid_in_postgres(tmp_path, postgres_url, spread_limit
     assert len(st.trials) == 8  # no duplicate and no surplus trial
     counts = measured_once(st)
     assert len(counts) == 8 and set(counts.values()) == {1}
-    pruned = {tuple(sorted(t.params.items())) for t in st.get_trials(states=(TrialState.PRUNED,))}
+    pruned = {record.grid_point(t.params) for t in st.get_trials(states=(TrialState.PRUNED,))}
     assert pruned == expected_pruned
     best = max(st.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
     assert record.score(best.params) == best_score

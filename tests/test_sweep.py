@@ -52,7 +52,7 @@ def measured_once(st) -> dict:
     """grid point -> number of finished (complete or pruned) trials."""
     counts: dict = {}
     for t in study.measured_grid_trials(st):
-        key = tuple(sorted(t.params.items()))
+        key = record.grid_point(t.params)
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -150,7 +150,7 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(limited_sweep):
     # The session's two studies (tests/conftest.py): `free` measured every point, `limited` ran
     # with a limit in a gap between free's peaks, no margin.
     peaks = {
-        tuple(sorted(t.params.items())): t.user_attrs["peak_memory_mb"]
+        record.grid_point(t.params): t.user_attrs["peak_memory_mb"]
         for t in limited_sweep.free.trials
     }
     limit_mb = limited_sweep.limit * 1000
@@ -158,7 +158,7 @@ def test_memory_limit_prunes_by_measurement_and_by_dominance(limited_sweep):
     assert 0 < len(expected_pruned) < len(peaks)
 
     st = limited_sweep.limited
-    by_point = {tuple(sorted(t.params.items())): t for t in st.trials}
+    by_point = {record.grid_point(t.params): t for t in st.trials}
     pruned = {k for k, t in by_point.items() if t.state == TrialState.PRUNED}
     assert pruned == expected_pruned
     dominated = {k for k, t in by_point.items() if t.user_attrs.get("dominated_by_params")}

@@ -21,6 +21,11 @@ LENGTH = "training.max_seq_length"
 ALL_AXES = {**AXES, LENGTH_AXIS: LENGTH}
 
 
+def grid_point(params: dict) -> tuple:
+    """A trial's parameters as a hashable key, the same for the same point in any study."""
+    return tuple(sorted(params.items()))
+
+
 def alpha_for(rank: int) -> int:
     """LoRA's alpha in a sweep and in its profiles: 2 x rank (scale 2, as mlx-lm's default)."""
     return 2 * int(rank)
