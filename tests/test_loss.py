@@ -154,17 +154,29 @@ def test_chunked_loss_has_the_same_value_and_gradients(tiny, mode):
         assert np.allclose(np.array(chunked_grads[name]), np.array(g), rtol=1e-5, atol=1e-7), name
 
 
-def test_compiled_step_with_the_loss_in_chunks_matches(make_cfg):
+@pytest.mark.parametrize(
+    "base",
+    [[], ["model=tiny-q4", "training.quantized_matmul=dequantize"]],
+    ids=["float32", "4-bit-dequantized"],
+)
+def test_compiled_step_with_the_loss_in_chunks_matches(make_cfg, base):
     """training.loss_chunk_tokens in the trainer's compiled step: the same loss and the same
-    adapters after two optimizer steps as with the whole batch's logits at once."""
+    adapters after two optimizer steps as with the whole batch's logits at once, also where the
+    output head is a 4-bit weight dequantized per use (each chunk's product dequantizes it)."""
     from your_ai import data
 
     outcomes = []
     for chunk in ("null", "24"):
-        cfg = make_cfg(f"training.loss_chunk_tokens={chunk}", "training.max_seq_length=32")
+        cfg = make_cfg(*base, f"training.loss_chunk_tokens={chunk}", "training.max_seq_length=32")
         loaded = models.load(cfg.model, cfg.paths.models)
         mx.random.seed(0)
-        step.apply_lora(loaded.model, 2, step.lora_parameters(cfg.lora, 4), False)
+        step.apply_lora(
+            loaded.model,
+            2,
+            step.lora_parameters(cfg.lora, 4),
+            False,
+            quantized_matmul=str(cfg.training.quantized_matmul),
+        )
         optimizer = step.make_optimizer(cfg.training, 10)
         train_step = step.make_step(loaded.model, optimizer, cfg)
         batch = step.split_micro_batches(data.synthetic_batch(256, 2, 32, 0), 1)
