@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import optuna
 import pytest
@@ -678,16 +679,39 @@ def test_only_allocation_failures_count_as_out_of_memory(message, expected):
     assert trial.is_out_of_memory(RuntimeError(message)) is expected
 
 
+def environment_of(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in entries if b"=" in e)
+
+
 def test_a_worker_starts_with_the_preloads_its_config_asks_for(monkeypatch):
+    """The preloads its config asks for, and where several workers share the CPU, OpenBLAS's
+    threads divided among them (read from the running worker's environment)."""
     from your_ai import preload, worker
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv(preload.BLAS_THREADS_ENV, raising=False)
     if not (preload.find_openblas() and preload.find_tcmalloc()):
         pytest.skip("OpenBLAS and tcmalloc are not installed")
-    for overrides, expected in (([], "openblas, tcmalloc"), (["blas=off"], "bundled, tcmalloc")):
+    cores = len(os.sched_getaffinity(0))
+    cases = (
+        ([], "openblas, tcmalloc", None),
+        (["blas=off"], "bundled, tcmalloc", None),
+        (["sweep.workers=2"], "openblas, tcmalloc", str(max(1, cores // 2))),
+    )
+    for overrides, expected, threads in cases:
         started = worker.Worker(compose_config(["mode=quick", *overrides]))
         try:
             info = started.start()
             assert info["blas"] == expected and 0 < info["wait_s"] <= info["start_s"]
+            assert environment_of(info["pid"]).get(preload.BLAS_THREADS_ENV) == threads
         finally:
             started.stop()
+    # A setting of the user's own stands.
+    monkeypatch.setenv(preload.BLAS_THREADS_ENV, "7")
+    assert (
+        preload.child_env(compose_config(["sweep.workers=2"]), sharing=2).get(
+            preload.BLAS_THREADS_ENV
+        )
+        is None
+    )

@@ -93,7 +93,8 @@ class DequantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear, same parameters, multiplying by its weight dequantized per use.
 
     With `_keep_for_backward` (the output head's, set by `use_dequantized`), the backward pass
-    multiplies by the forward pass's copy (MLX's own gradient of the product)."""
+    multiplies by the forward pass's copy (MLX's own gradient of the product), unless the weight
+    is multiplied in pieces (PIECE_BYTES)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if getattr(self, "_keep_for_backward", False) and len(_pieces(self)) == 1:

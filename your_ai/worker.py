@@ -257,7 +257,7 @@ class Worker:
         env = {
             **os.environ,
             # MLX reads its BLAS and allocator as the interpreter starts: preloads go in here.
-            **preload.child_env(self.cfg),
+            **preload.child_env(self.cfg, sharing=int(self.cfg.sweep.workers)),
             "PYTHONPATH": os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH")) if p
             ),
