@@ -98,7 +98,7 @@ class DequantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         if getattr(self, "_keep_for_backward", False) and len(_pieces(self)) == 1:
-            y = x @ _dequantized(self, x).T
+            y = _product(self, x)  # differentiated by MLX, which keeps the dequantized weight
         else:
             y = self._dequantizing_again(x)
         return y + self["bias"] if "bias" in self else y
