@@ -17,6 +17,19 @@ def layer_classes(model) -> dict[str, int]:
     return counts
 
 
+def batch_loss(batch):
+    """The weighted distrust loss of one batch (as `step.to_mx` makes it), as a function of the
+    model."""
+
+    def objective(model):
+        *arrays, offsets = batch
+        return loss.loss_fn(
+            model, *arrays, alpha=2.7, lambda_weight=0.6, mode="weighted", offsets=offsets
+        )[0]
+
+    return objective
+
+
 def test_dequantized_base_trains_like_the_quantized_one(make_cfg):
     """The 4-bit tiny model at float32 with LoRA on 3 layers and checkpointing: the loss and
     every LoRA gradient of the dequantizing path match the quantized matmul's, and the model
@@ -37,13 +50,7 @@ def test_dequantized_base_trains_like_the_quantized_one(make_cfg):
             if hasattr(module, "lora_b"):
                 module.lora_b = mx.random.normal(module.lora_b.shape) * 0.02
 
-        def objective(m):
-            *arrays, offsets = batch
-            return loss.loss_fn(
-                m, *arrays, alpha=2.7, lambda_weight=0.6, mode="weighted", offsets=offsets
-            )[0]
-
-        value, grads = nn.value_and_grad(model, objective)(model)
+        value, grads = nn.value_and_grad(model, batch_loss(batch))(model)
         results[setting] = value.item(), dict(tree_flatten(grads))
         step.remove_lora(model)
         assert layer_classes(model) == before
@@ -195,14 +202,7 @@ def test_dequantizations_in_a_step(make_cfg, monkeypatch, checkpoint):
 
     monkeypatch.setattr(mx, "dequantize", counting)
     batch = step.to_mx(data.synthetic_batch(256, 2, 24, 0))
-
-    def objective(m):
-        *arrays, offsets = batch
-        return loss.loss_fn(
-            m, *arrays, alpha=2.7, lambda_weight=0.6, mode="weighted", offsets=offsets
-        )[0]
-
-    value, grads = nn.value_and_grad(model, objective)(model)
+    value, grads = nn.value_and_grad(model, batch_loss(batch))(model)
     mx.eval(value, grads)
     step.remove_lora(model)
     # Without checkpointing, the lowest LoRA layer's q, k and v have no backward product: nothing
