@@ -80,6 +80,18 @@ RUNS = {
         *("--batch", "2", "--seq", "32", "--rank", "4", "--alpha", "8", "--lora-layers", "2"),
         *("--steps", "2", "--warmup", "1"),
     ],
+    # A 4-bit step, then the same held to the memory limit derived from it and the bf16 step.
+    "test_peer_torch_q4_limit": lambda tmp: [
+        "peer_torch.py",
+        "--out",
+        str(tmp / "peer"),
+        "--parts",
+        "ours-ckpt,ours-q4-dequant-ckpt,ours-q4-dequant-limit-ckpt",
+        *("--arch", "hidden_size=64", "intermediate_size=128", "num_hidden_layers=4"),
+        *("num_attention_heads=4", "num_key_value_heads=2", "vocab_size=4096"),
+        *("--batch", "2", "--seq", "32", "--rank", "4", "--alpha", "8", "--lora-layers", "2"),
+        *("--steps", "2", "--warmup", "1"),
+    ],
     "test_step_parts": lambda tmp: [
         "step_parts.py",
         *("--tokens", "128", "--seq", "64", "--hidden", "64", "--intermediate", "128"),
@@ -153,10 +165,33 @@ def runs(tmp_path_factory):
 
 
 def bench(runs, name: str) -> str:
-    text = (runs.result(name) / "BENCHMARKS.md").read_text()
+    return table_text(runs.result(name))
+
+
+def table_text(directory: Path) -> str:
+    text = (directory / "BENCHMARKS.md").read_text()
     assert "- date: " in text and "- machine: " in text and "- command: `python " in text
     assert "|---" in text  # the table
     return text
+
+
+@pytest.mark.slow
+def test_peer_torch_q4_limit(runs):
+    import json
+
+    from benchmarks.peer_torch import q4_memory_limit
+
+    directory = runs.result("test_peer_torch_q4_limit")
+    text = table_text(directory)
+    measured = json.loads((directory / "peer" / "peer_torch.json").read_text())
+    spec, results = measured["spec"], measured["results"]
+    bf16, q4 = results["ours-ckpt"], results["ours-q4-dequant-ckpt"]
+    limited = results["ours-q4-dequant-limit-ckpt"]
+    assert "error" not in limited and limited["step_s"] > 0 and limited["outside_peak_bytes"] > 0
+    expected = q4_memory_limit(bf16, q4, spec["architecture"], spec["dtype"])
+    assert limited["memory_limit_gb"] == expected > 0
+    assert f"memory.limit_gb={expected}" in text
+    assert limited["weight_bytes"] == q4["weight_bytes"] < bf16["weight_bytes"]
 
 
 @pytest.mark.slow

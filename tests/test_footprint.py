@@ -116,6 +116,22 @@ def test_memory_settings_resolve_per_backend(make_cfg):
         "cache_limit_gb": 1.5,
         "wired_limit_gb": None,
     }
+    # The memory limit appears only where set: studies made without it keep their settings.
+    limited = make_cfg("memory.limit_gb=2.5")
+    assert device.memory_settings(limited.memory, "cuda")["limit_gb"] == 2.5
+
+
+def test_the_memory_limit_is_mlxs_own(make_cfg):
+    settings = device.memory_settings(make_cfg("memory.limit_gb=3").memory)
+    before = mx.set_memory_limit(1 << 40)
+    try:
+        device.apply_memory_settings(settings)
+        assert mx.get_memory_limit() == 3_000_000_000
+        mx.set_memory_limit(1 << 40)
+        device.apply_memory_settings(device.memory_settings(make_cfg().memory))
+        assert mx.get_memory_limit() == 1 << 40  # null: left as it was
+    finally:
+        mx.set_memory_limit(before)
 
 
 @pytest.mark.skipif(not LINUX_HWM, reason="the kernel's resettable high-water mark is Linux's")

@@ -131,6 +131,7 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
             "training.compile=false",
             "lora.compute_dtype=input",
             "memory.cache_limit_gb=0.5",
+            "memory.limit_gb=12",
             "training.loss_chunk_tokens=64",
             "training.quantized_matmul=dequantize",
         ]
@@ -167,6 +168,7 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
     assert applied.training.quantized_matmul == "dequantize"
     # MLX's cache limit the footprint was measured with is applied too (the default is auto).
     assert applied.memory.cache_limit_gb == 0.5 and applied.memory.wired_limit_gb is None
+    assert applied.memory.limit_gb == 12
     assert (applied.training.batch_size, applied.lora.rank, applied.lora.num_layers) == (4, 64, 16)
     assert applied.model.path == swept.model.path  # the embedded model: its own local path
 
