@@ -95,6 +95,7 @@ def measure(side: str, overrides: list[str], steps: int, warmup: int) -> dict:
         "tokens_per_sec": batch_size * seq / median,
         "peak_mb": mx.get_peak_memory() / 1e6,
         "steps": len(times),
+        "times_ms": [round(t * 1e3, 1) for t in times],
     }
 
 
