@@ -150,16 +150,21 @@ def parameter_count(arch: dict) -> int:
     return vocab * hidden + arch["num_hidden_layers"] * layer + hidden + head
 
 
+def element_bytes(dtype: str) -> int:
+    """Bytes per weight in `dtype` (float32, or a 16-bit type)."""
+    return 4 if dtype == "float32" else 2
+
+
 def largest_layer_bytes(arch: dict, dtype: str) -> int:
     """The largest layer's weights in `dtype`: a decoder layer's or the output head's."""
     largest = max(layer_matrix_parameters(arch), arch["vocab_size"] * arch["hidden_size"])
-    return largest * (4 if dtype == "float32" else 2)
+    return largest * element_bytes(dtype)
 
 
 def q4_memory_limit(bf16: dict, q4: dict, arch: dict, dtype: str) -> float:
     """memory.limit_gb for a 4-bit step: the bf16 step's allocator peak less its weights, plus
     the 4-bit weights and one decoder layer's weights dequantized."""
-    layer = layer_matrix_parameters(arch) * (4 if dtype == "float32" else 2)
+    layer = layer_matrix_parameters(arch) * element_bytes(dtype)
     held = bf16["allocator_peak_bytes"] - bf16["weight_bytes"] + q4["weight_bytes"] + layer
     return round(held / 1e9, 3)
 
