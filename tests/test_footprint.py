@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, command, command_env
-from your_ai import device, footprint, models, record, trial
+from your_ai import data, device, footprint, models, record, step, trial
 from your_ai.worker import Worker
 
 LINUX_HWM = sys.platform.startswith("linux") and footprint.high_water_resettable()
@@ -119,6 +119,13 @@ def test_memory_settings_resolve_per_backend(make_cfg):
     # The memory limit appears only where set: studies made without it keep their settings.
     limited = make_cfg("memory.limit_gb=2.5")
     assert device.memory_settings(limited.memory, "cuda")["limit_gb"] == 2.5
+    # auto is the step's own need on CUDA, where buffers queue ahead of the GPU; elsewhere, and
+    # for mlx-lm's step, MLX's default.
+    auto = make_cfg("memory.limit_gb=auto").memory
+    assert device.memory_settings(auto, "cuda")["limit_gb"] == "auto"
+    assert "limit_gb" not in device.memory_settings(auto, "cpu")
+    assert "limit_gb" not in device.memory_settings(auto, "metal")
+    assert "limit_gb" not in device.memory_settings(auto, "cuda", step="mlx_lm")
 
 
 def test_the_memory_limit_is_mlxs_own(make_cfg):
@@ -132,6 +139,38 @@ def test_the_memory_limit_is_mlxs_own(make_cfg):
         assert mx.get_memory_limit() == 1 << 40  # null: left as it was
     finally:
         mx.set_memory_limit(before)
+
+
+def test_an_auto_memory_limit_is_the_steps_own_need(make_cfg, monkeypatch):
+    """memory.limit_gb=auto, as on CUDA: the first step runs draining and sets MLX's limit at its
+    peak; a step over as many tokens leaves it; a longer one measures again, and needs more."""
+    cfg = make_cfg("memory.limit_gb=auto", "training.max_seq_length=64")
+    loaded = models.load(cfg.model, cfg.paths.models)
+    mx.random.seed(0)
+    step.apply_lora(loaded.model, 2, step.lora_parameters(cfg.lora, 8), False)
+    optimizer = step.make_optimizer(cfg.training, 10)
+    monkeypatch.setattr(device, "backend", lambda: "cuda")  # where auto sets a limit
+    train_step = step.make_step(loaded.model, optimizer, cfg)
+    vocab = int(loaded.config["vocab_size"])
+    short, long = (
+        step.split_micro_batches(data.synthetic_batch(vocab, 2, length, 0), 1)
+        for length in (32, 64)
+    )
+    before = mx.set_memory_limit(1 << 40)
+    try:
+        mx.reset_peak_memory()
+        train_step(short)  # evaluated inside the step, draining
+        first = mx.get_memory_limit()
+        assert first == mx.get_peak_memory() > 0
+        again = train_step(short)
+        mx.eval(again.loss, loaded.model.state, optimizer.state)  # the caller's, under the limit
+        assert mx.get_memory_limit() == first
+        out = train_step(long)
+        assert mx.get_memory_limit() == mx.get_peak_memory() > first
+        assert out.loss.item() > 0
+    finally:
+        mx.set_memory_limit(before)
+        step.remove_lora(loaded.model)
 
 
 @pytest.mark.skipif(not LINUX_HWM, reason="the kernel's resettable high-water mark is Linux's")

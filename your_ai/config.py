@@ -185,28 +185,30 @@ def memory_settings(
         # wired, so the model's buffers are not paged out between steps.
         wired = device_memory_bytes / 1e9 if backend == "metal" and device_memory_bytes else None
     limit = memory_cfg.get("limit_gb")
+    if limit == "auto":
+        # Only CUDA queues its buffers ahead of the GPU's work, as measured; mlx_lm.lora sets no
+        # limit, so mlx-lm's step is measured without one.
+        limit = "auto" if backend == "cuda" and step != "mlx_lm" else None
+    elif limit is not None:
+        limit = float(limit)
     return {
         "cache_limit_gb": None if cache is None else float(cache),
         "wired_limit_gb": None if wired is None or backend != "metal" else round(float(wired), 3),
         # Recorded only where set, so studies made before the setting existed still continue.
-        **({"limit_gb": float(limit)} if limit is not None else {}),
+        **({"limit_gb": limit} if limit is not None else {}),
     }
 
 
 def memory_limits(cfg: DictConfig) -> None:
-    """`memory.*`: the cache and wired limits are auto, null (MLX's default) or a size in GB;
-    the memory limit null or a size in GB."""
-    for key, above in (("memory.cache_limit_gb", False), ("memory.wired_limit_gb", True)):
+    """`memory.*`: each limit is auto, null (MLX's default) or a size in GB."""
+    positive = {"cache_limit_gb": False, "wired_limit_gb": True, "limit_gb": True}
+    for name, above in positive.items():
+        key = f"memory.{name}"
         if _value(cfg, key) not in ("auto", None):
             try:
                 number(cfg, key, 0, above=above)
             except UserError as err:
                 raise UserError(f"{err}, auto or null") from None
-    if _value(cfg, "memory.limit_gb") is not None:
-        try:
-            number(cfg, "memory.limit_gb", 0, above=True)
-        except UserError as err:
-            raise UserError(f"{err}, or null") from None
     number(cfg, "memory.sample_interval_ms", 0, above=True)
 
 

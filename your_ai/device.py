@@ -60,8 +60,9 @@ def memory_settings(memory_cfg, kind: str | None = None, step: str = "your_ai") 
 
 
 def apply_memory_settings(settings: dict) -> None:
-    """Set MLX's cache, wired and memory limits; None (or no memory limit) leaves MLX's default.
-    Before the model loads, so loading is held to them too.
+    """Set MLX's cache, wired and memory limits; None (or no memory limit) leaves MLX's default,
+    and an `auto` memory limit is the step's to set (StepMemoryLimit). Before the model loads,
+    so loading is held to them too.
 
     MLX allocates an operation's output when it queues the operation and frees an input once
     the GPU has run what reads it, so on CUDA the buffers of work queued ahead of the GPU add
@@ -72,5 +73,37 @@ def apply_memory_settings(settings: dict) -> None:
         mx.set_cache_limit(int(settings["cache_limit_gb"] * 1e9))
     if settings["wired_limit_gb"] is not None:
         mx.set_wired_limit(int(settings["wired_limit_gb"] * 1e9))
-    if settings.get("limit_gb") is not None:
+    if settings.get("limit_gb") not in (None, "auto"):
         mx.set_memory_limit(int(settings["limit_gb"] * 1e9))
+
+
+# MLX's memory limit while a step measures its own need: below anything MLX holds, so each
+# evaluation waits for the work queued before it.
+DRAINING_LIMIT = 1
+
+
+class StepMemoryLimit:
+    """`memory.limit_gb=auto`: MLX's memory limit at the training step's own need.
+
+    A step over more tokens than any before it is evaluated with the limit below what MLX holds:
+    nothing is queued ahead of the GPU, and MLX's peak is what the step itself needs (with what
+    was held before it, since the peak counts from MLX's last reset). Every later step runs with
+    the limit there, so work queues ahead of the GPU only while its buffers fit within that need.
+    """
+
+    def __init__(self):
+        self.tokens = 0
+        self.limit_bytes: int | None = None
+
+    def evaluate(self, tokens: int, arrays: list) -> None:
+        """Evaluate `arrays`, a step over `tokens` tokens, draining first if it is the longest
+        yet; otherwise leave them to the caller's evaluation under the limit."""
+        if tokens <= self.tokens:
+            return
+        mx.set_memory_limit(DRAINING_LIMIT)
+        try:
+            mx.eval(arrays)
+        finally:
+            self.limit_bytes = max(mx.get_peak_memory(), self.limit_bytes or 0)
+            mx.set_memory_limit(self.limit_bytes)
+        self.tokens = tokens

@@ -277,7 +277,9 @@ def make_step(
     """One optimizer step over `training.grad_accumulation` micro-batches.
 
     Called as step(micro_batches) with micro_batches a list of
-    (tokens, lengths, auth_weight, prov_entropy, offsets) tuples of mx arrays.
+    (tokens, lengths, auth_weight, prov_entropy, offsets) tuples of mx arrays. The caller
+    evaluates the result, the model's and the optimizer's state, except where `memory.limit_gb`
+    is auto and the step measures its own need (device.StepMemoryLimit).
     """
     loss_and_grad = nn.value_and_grad(model, make_loss(model, cfg))
     clip = float(cfg.training.grad_clip)
@@ -313,12 +315,22 @@ def make_step(
         return mx.mean(distrust_term(micro[2], micro[3], float(cfg.distrust.alpha)))
 
     apply_update = update
+    limit = None
+    if device.memory_settings(cfg.memory).get("limit_gb") == "auto":
+        limit = device.StepMemoryLimit()
     if cfg.training.compile:
         single = mx.compile(single, inputs=state, outputs=state)
         accumulate = mx.compile(accumulate, inputs=state, outputs=state)
         apply_update = mx.compile(update, inputs=state, outputs=state)
 
     def step(micro_batches) -> StepResult:
+        result = run(micro_batches)
+        if limit is not None:
+            tokens = sum(micro[0].size for micro in micro_batches)
+            limit.evaluate(tokens, [vars(result), model.state, optimizer.state])
+        return result
+
+    def run(micro_batches) -> StepResult:
         if len(micro_batches) == 1:
             return StepResult(*single(*micro_batches[0]), mean_term(micro_batches[0]))
         total_grads, values, counts, ces, terms = None, [], [], [], []
