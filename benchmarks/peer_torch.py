@@ -329,7 +329,7 @@ def our_step(spec: dict) -> dict:
     from your_ai import device, models, trial
 
     os.environ.update(preload.mlx_env(cfg.cuda_ops_per_buffer, device.backend()))
-    device.apply_memory_settings(device.memory_settings(cfg.memory))
+    device.apply_memory_settings(device.memory_settings(cfg))
     tick = time.perf_counter()
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
     load_s = time.perf_counter() - tick
@@ -487,7 +487,8 @@ def summarise(results: dict, spec: dict) -> str:
             f"matmul bf16 {spec['matmul_size']}^3: {measured}; MFU is over the best, "
             f"{best:.3g} TFLOP/s\n\n"
         )
-    text += table(head, rows) + "\n"
+    if rows:  # none where only the memory parts ran
+        text += table(head, rows) + "\n"
     ok = {n: r for n, r in results.items() if "step_s" in r}
     for kind in ("ckpt", "plain"):
         ours, peer = ok.get(f"ours-{kind}"), ok.get(f"torch-compile-{kind}")

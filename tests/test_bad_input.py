@@ -66,10 +66,10 @@ def digest(path) -> str:
             ["training.quantized_matmul=int4"],
             "error: training.quantized_matmul=int4 is not one of native, dequantize",
         ),
-        (["memory.limit_gb=0"], "error: memory.limit_gb=0 must be > 0, auto or null"),
+        (["memory.limit_gb=0"], "error: memory.limit_gb=0 must be > 0, auto, step or null"),
         (
             ["memory.limit_gb=lots"],
-            "error: memory.limit_gb=lots must be a number > 0, auto or null",
+            "error: memory.limit_gb=lots must be a number > 0, auto, step or null",
         ),
         (
             ["cuda_ops_per_buffer=0"],

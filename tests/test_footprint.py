@@ -85,7 +85,7 @@ def test_with_the_cache_limit_at_zero_mlx_keeps_no_cache(make_cfg, tmp_path):
         f"paths.models={tmp_path}/models", "sweep.steps=3", "sweep.warmup_steps=1",
         "sweep.early_stop=false", "training.max_seq_length=64",
     )  # fmt: skip
-    settings = device.memory_settings(cfg.memory)
+    settings = device.memory_settings(cfg)
     assert settings["cache_limit_gb"] == 0.0  # auto on the CPU and CUDA
     loaded = models.load(cfg.model, cfg.paths.models)
     params = {"training.batch_size": 4, "lora.rank": 16, "lora.num_layers": 8}
@@ -105,51 +105,57 @@ def test_with_the_cache_limit_at_zero_mlx_keeps_no_cache(make_cfg, tmp_path):
 
 def test_memory_settings_resolve_per_backend(make_cfg):
     cfg = make_cfg()
-    assert device.memory_settings(cfg.memory, "cuda") == {
+    assert device.memory_settings(cfg, "cuda") == {
         "cache_limit_gb": 0.0,
         "wired_limit_gb": None,
     }
-    metal = device.memory_settings(cfg.memory, "metal")
+    metal = device.memory_settings(cfg, "metal")
     assert metal["cache_limit_gb"] is None  # MLX's own default there
     given = make_cfg("memory.cache_limit_gb=1.5", "memory.wired_limit_gb=null")
-    assert device.memory_settings(given.memory, "cpu") == {
+    assert device.memory_settings(given, "cpu") == {
         "cache_limit_gb": 1.5,
         "wired_limit_gb": None,
     }
     # The memory limit appears only where set: studies made without it keep their settings.
     limited = make_cfg("memory.limit_gb=2.5")
-    assert device.memory_settings(limited.memory, "cuda")["limit_gb"] == 2.5
-    # auto is the step's own need on CUDA, where buffers queue ahead of the GPU; elsewhere, and
-    # for mlx-lm's step, MLX's default.
-    auto = make_cfg("memory.limit_gb=auto").memory
-    assert device.memory_settings(auto, "cuda")["limit_gb"] == "auto"
-    assert "limit_gb" not in device.memory_settings(auto, "cpu")
-    assert "limit_gb" not in device.memory_settings(auto, "metal")
-    assert "limit_gb" not in device.memory_settings(auto, "cuda", step="mlx_lm")
+    assert device.memory_settings(limited, "cuda")["limit_gb"] == 2.5
+    # "step": the step's own need, wherever our step runs; mlx-lm's runs without a limit.
+    own = make_cfg("memory.limit_gb=step")
+    assert device.memory_settings(own, "cpu")["limit_gb"] == "step"
+    assert "limit_gb" not in device.memory_settings(own, "cuda", step="mlx_lm")
+    # auto (the default): the step's need for a dequantizing 4-bit base on CUDA, where buffers
+    # queue ahead of the GPU and it cost no speed; MLX's default elsewhere.
+    dequantizing = make_cfg(
+        "model.quantize={bits:4,group_size:64}", "training.quantized_matmul=dequantize"
+    )
+    assert device.memory_settings(dequantizing, "cuda")["limit_gb"] == "step"
+    assert "limit_gb" not in device.memory_settings(dequantizing, "cpu")
+    assert "limit_gb" not in device.memory_settings(dequantizing, "metal")
+    assert "limit_gb" not in device.memory_settings(dequantizing, "cuda", step="mlx_lm")
+    assert "limit_gb" not in device.memory_settings(cfg, "cuda")  # bf16: MLX's default
 
 
 def test_the_memory_limit_is_mlxs_own(make_cfg):
-    settings = device.memory_settings(make_cfg("memory.limit_gb=3").memory)
+    settings = device.memory_settings(make_cfg("memory.limit_gb=3"))
     before = mx.set_memory_limit(1 << 40)
     try:
         device.apply_memory_settings(settings)
         assert mx.get_memory_limit() == 3_000_000_000
         mx.set_memory_limit(1 << 40)
-        device.apply_memory_settings(device.memory_settings(make_cfg().memory))
+        device.apply_memory_settings(device.memory_settings(make_cfg("memory.limit_gb=null")))
         assert mx.get_memory_limit() == 1 << 40  # null: left as it was
     finally:
         mx.set_memory_limit(before)
 
 
-def test_an_auto_memory_limit_is_the_steps_own_need(make_cfg, monkeypatch):
-    """memory.limit_gb=auto, as on CUDA: the first step runs draining and sets MLX's limit at its
-    peak; a step over as many tokens leaves it; a longer one measures again, and needs more."""
-    cfg = make_cfg("memory.limit_gb=auto", "training.max_seq_length=64")
+def test_a_step_memory_limit_is_the_steps_own_need(make_cfg):
+    """memory.limit_gb=step: the first step runs draining and sets MLX's limit at its peak; a
+    step over as many tokens leaves it; a longer one measures again, and needs more."""
+    cfg = make_cfg("memory.limit_gb=step", "training.max_seq_length=64")
     loaded = models.load(cfg.model, cfg.paths.models)
     mx.random.seed(0)
     step.apply_lora(loaded.model, 2, step.lora_parameters(cfg.lora, 8), False)
     optimizer = step.make_optimizer(cfg.training, 10)
-    monkeypatch.setattr(device, "backend", lambda: "cuda")  # where auto sets a limit
     train_step = step.make_step(loaded.model, optimizer, cfg)
     vocab = int(loaded.config["vocab_size"])
     short, long = (

@@ -52,16 +52,16 @@ def hardware_id(kind: str, name: str, memory: int) -> str:
     return f"{kind}-{device}-{round(memory / 2**30)}gib"
 
 
-def memory_settings(memory_cfg, kind: str | None = None, step: str = "your_ai") -> dict:
-    """`memory.*` resolved for this device (see config.memory_settings)."""
+def memory_settings(cfg, kind: str | None = None, step: str = "your_ai") -> dict:
+    """A run's `memory.*` resolved for this device (see config.memory_settings)."""
     kind = kind or backend()
     device_bytes = memory_bytes() if kind == "metal" else None
-    return config.memory_settings(memory_cfg, kind, device_bytes, step)
+    return config.memory_settings(cfg, kind, device_bytes, step)
 
 
 def apply_memory_settings(settings: dict) -> None:
     """Set MLX's cache, wired and memory limits; None (or no memory limit) leaves MLX's default,
-    and an `auto` memory limit is the step's to set (StepMemoryLimit). Before the model loads,
+    and a `step` memory limit is the step's to set (StepMemoryLimit). Before the model loads,
     so loading is held to them too.
 
     MLX allocates an operation's output when it queues the operation and frees an input once
@@ -73,7 +73,7 @@ def apply_memory_settings(settings: dict) -> None:
         mx.set_cache_limit(int(settings["cache_limit_gb"] * 1e9))
     if settings["wired_limit_gb"] is not None:
         mx.set_wired_limit(int(settings["wired_limit_gb"] * 1e9))
-    if settings.get("limit_gb") not in (None, "auto"):
+    if settings.get("limit_gb") not in (None, "step"):
         mx.set_memory_limit(int(settings["limit_gb"] * 1e9))
 
 
@@ -83,7 +83,7 @@ DRAINING_LIMIT = 1
 
 
 class StepMemoryLimit:
-    """`memory.limit_gb=auto`: MLX's memory limit at the training step's own need.
+    """`memory.limit_gb=step`: MLX's memory limit at the training step's own need.
 
     A step over more tokens than any before it is evaluated with the limit below what MLX holds:
     nothing is queued ahead of the GPU, and MLX's peak is what the step itself needs (with what

@@ -278,8 +278,8 @@ def make_step(
 
     Called as step(micro_batches) with micro_batches a list of
     (tokens, lengths, auth_weight, prov_entropy, offsets) tuples of mx arrays. The caller
-    evaluates the result, the model's and the optimizer's state, except where `memory.limit_gb`
-    is auto and the step measures its own need (device.StepMemoryLimit).
+    evaluates the result, the model's and the optimizer's state, except where the memory limit is
+    the step's own need and the step measures it (device.StepMemoryLimit).
     """
     loss_and_grad = nn.value_and_grad(model, make_loss(model, cfg))
     clip = float(cfg.training.grad_clip)
@@ -316,7 +316,7 @@ def make_step(
 
     apply_update = update
     limit = None
-    if device.memory_settings(cfg.memory).get("limit_gb") == "auto":
+    if device.memory_settings(cfg).get("limit_gb") == "step":
         limit = device.StepMemoryLimit()
     if cfg.training.compile:
         single = mx.compile(single, inputs=state, outputs=state)

@@ -120,7 +120,7 @@ def run(cfg: DictConfig, out=None) -> dict:
             cfg.distrust.mode = "none"  # plain cross-entropy (loss.py)
     output_dir = Path(cfg.paths.output_dir)
     training = cfg.training
-    memory = device.memory_settings(cfg.memory)
+    memory = device.memory_settings(cfg)
     device.apply_memory_settings(memory)  # as the sweep's workers did, so the footprint matches
     interval_s = float(cfg.memory.sample_interval_ms) / 1e3
     # The peak counts from before the model loads: the process runs out on its load too.

@@ -101,7 +101,7 @@ def worker_main(conn, cfg_container: dict, idle_gpu_bytes: int | None = None) ->
     cfg = OmegaConf.create(cfg_container)
     try:
         tick = time.perf_counter()
-        memory = device.memory_settings(cfg.memory, step=str(cfg.sweep.step))
+        memory = device.memory_settings(cfg, step=str(cfg.sweep.step))
         device.apply_memory_settings(memory)
         meter = footprint.meter(
             device.backend(), idle_gpu_bytes, float(cfg.memory.sample_interval_ms) / 1e3
