@@ -133,14 +133,16 @@ def apply_lora(
     compute_dtype: str = "float32",
     quantized_matmul: str = "native",
     fine_tune_type: str = "lora",
+    step_memory_limit: bool = False,
 ) -> int:
     """LoRA (or DoRA) on the last `num_layers` layers; returns the number of trainable
     parameters.
 
     compute_dtype "input" runs the LoRA matmuls in the activations' dtype (CastLoRALinear);
     quantized_matmul "dequantize" multiplies by a quantized base's weights dequantized per use
-    in the layers the backward pass runs through (your_ai/quantized.py). DoRA layers keep
-    mlx-lm's arithmetic.
+    in the layers the backward pass runs through (your_ai/quantized.py), the output head's
+    again for the backward pass where the step runs under its own memory limit
+    (`step_memory_limit`). DoRA layers keep mlx-lm's arithmetic.
     """
     if compute_dtype not in LORA_COMPUTE_DTYPES:
         choices = ", ".join(LORA_COMPUTE_DTYPES)
@@ -159,7 +161,7 @@ def apply_lora(
     if compute_dtype == "input":
         _cast_lora_layers(model)
     if quantized_matmul == "dequantize":
-        quantized.use_dequantized(model, num_layers)
+        quantized.use_dequantized(model, num_layers, keep_head=not step_memory_limit)
     attention.use_for_training(model, device.backend())
     converted = sum(
         1 for layer in model.layers for _, m in layer.named_modules() if hasattr(m, "lora_a")
@@ -186,6 +188,7 @@ def lora_from_config(model: nn.Module, cfg: DictConfig, params: dict | None = No
         str(cfg.lora.compute_dtype),
         str(cfg.training.quantized_matmul),
         str(cfg.lora.fine_tune_type),
+        device.memory_settings(cfg).get("limit_gb") == "step",
     )
 
 
