@@ -16,10 +16,10 @@ measured through both frameworks in their own processes, and MFU is over the bet
 
 Parts (CONFIGS below): matmul-{mlx,torch}; ours-{ckpt,plain}; ours-chunked-{ckpt,plain}
 (training.loss_chunk_tokens=1024); ours-input-{ckpt,plain} (lora.compute_dtype=input);
-ours-q4-ckpt and ours-q4-dequant-ckpt (4-bit base, MLX's quantized matmul or
-training.quantized_matmul=dequantize); ours-q4-dequant-limit-ckpt (the latter with
-memory.limit_gb set from the two before it, run earlier in --parts: see q4_memory_limit);
-torch-{eager,compile}-{ckpt,plain}; memory-{ckpt,plain}
+ours-step-{ckpt,plain} (memory.limit_gb=step: the step's own need); ours-q4-ckpt and
+ours-q4-dequant-ckpt (4-bit base, MLX's quantized matmul or training.quantized_matmul=dequantize,
+under the default memory limit); ours-q4-dequant-unlimited-ckpt (the latter under MLX's own
+memory limit, memory.limit_gb=null); torch-{eager,compile}-{ckpt,plain}; memory-{ckpt,plain}
 (benchmarks/memory_parts.py). Results go to DIR/peer_torch.json after each part, the table to
 DIR/BENCHMARKS-peer.md; a part that fails or does not fit in --budget-s is a row saying so.
 
@@ -83,17 +83,22 @@ CONFIGS: dict[str, dict] = {
             "training.quantized_matmul=dequantize",
         ],
     },
-    # The same with MLX's memory limit (memory.limit_gb) at the allocator's share of the target:
-    # the bf16 step's allocator peak less its weights, plus the 4-bit weights and one decoder
-    # layer dequantized, all measured earlier in the same run (ours-ckpt, ours-q4-dequant-ckpt).
-    "ours-q4-dequant-limit-ckpt": {
+    # The same under MLX's own memory limit, not the step's need (the default on CUDA).
+    "ours-q4-dequant-unlimited-ckpt": {
         "side": "ours",
         "checkpoint": True,
         "overrides": [
             "model.quantize={bits:4,group_size:64}",
             "training.quantized_matmul=dequantize",
+            "memory.limit_gb=null",
         ],
-        "limit_from": ("ours-ckpt", "ours-q4-dequant-ckpt"),
+    },
+    # The bf16 step under its own need as MLX's memory limit: less memory, some speed.
+    "ours-step-ckpt": {"side": "ours", "checkpoint": True, "overrides": ["memory.limit_gb=step"]},
+    "ours-step-plain": {
+        "side": "ours",
+        "checkpoint": False,
+        "overrides": ["memory.limit_gb=step"],
     },
     # Where our step's memory goes (benchmarks/memory_parts.py), the loss chunked at 1024 too.
     "memory-ckpt": {"side": "memory", "checkpoint": True},
@@ -159,14 +164,6 @@ def largest_layer_bytes(arch: dict, dtype: str) -> int:
     """The largest layer's weights in `dtype`: a decoder layer's or the output head's."""
     largest = max(layer_matrix_parameters(arch), arch["vocab_size"] * arch["hidden_size"])
     return largest * element_bytes(dtype)
-
-
-def q4_memory_limit(bf16: dict, q4: dict, arch: dict, dtype: str) -> float:
-    """memory.limit_gb for a 4-bit step: the bf16 step's allocator peak less its weights, plus
-    the 4-bit weights and one decoder layer's weights dequantized."""
-    layer = layer_matrix_parameters(arch) * element_bytes(dtype)
-    held = bf16["allocator_peak_bytes"] - bf16["weight_bytes"] + q4["weight_bytes"] + layer
-    return round(held / 1e9, 3)
 
 
 def step_flops(n_params: float, layers: int, lora_layers: int, tokens: int, ckpt: bool) -> float:
@@ -499,7 +496,7 @@ def summarise(results: dict, spec: dict) -> str:
                 f"footprint {gb(ours['outside_peak_bytes'])} vs "
                 f"{gb(peer['outside_peak_bytes'])} GB (target: no more)"
             )
-    for name in ("ours-q4-ckpt", "ours-q4-dequant-ckpt", "ours-q4-dequant-limit-ckpt"):
+    for name in ("ours-q4-ckpt", "ours-q4-dequant-ckpt", "ours-q4-dequant-unlimited-ckpt"):
         if name in ok and "ours-ckpt" in ok:
             q4, bf16 = ok[name], ok["ours-ckpt"]
             # The bf16 step's footprint with its weights swapped for the 4-bit ones, plus the
@@ -514,8 +511,14 @@ def summarise(results: dict, spec: dict) -> str:
                 f"{gb(bf16['weight_bytes'])}, plus the 4-bit weights "
                 f"{gb(q4['weight_bytes'])} and one layer dequantized {gb(layer)}"
             )
-            if "memory_limit_gb" in q4:
-                text += f"; memory.limit_gb={q4['memory_limit_gb']}"
+            if "ours-step-ckpt" in ok:
+                # The same bound from the bf16 step under its own need as the memory limit.
+                own = ok["ours-step-ckpt"]
+                own_bound = own["outside_peak_bytes"] - own["weight_bytes"] + q4["weight_bytes"]
+                text += (
+                    f"; against the bf16 step under memory.limit_gb=step "
+                    f"({gb(own['outside_peak_bytes'])} GB): {gb(own_bound + layer)} GB"
+                )
     for name, r in results.items():
         if "memory" in r:
             from benchmarks.memory_parts import describe
@@ -599,18 +602,7 @@ def main() -> None:
             results[name] = {"name": name, "error": "not run: out of --budget-s"}
             continue
         spec_i = {**spec, **CONFIGS[name]}
-        if "limit_from" in spec_i:
-            bf16, q4 = (results.get(n, {}) for n in spec_i["limit_from"])
-            if "step_s" not in bf16 or "step_s" not in q4:
-                needed = " and ".join(spec_i["limit_from"])
-                results[name] = {"name": name, "error": f"not run: needs {needed} measured first"}
-                continue
-            limit = q4_memory_limit(bf16, q4, architecture, args.dtype)
-            spec_i["overrides"] = [*spec_i["overrides"], f"memory.limit_gb={limit}"]
-            spec_i["memory_limit_gb"] = limit
         results[name] = run_child(name, spec_i, args, out, gpu, min(args.child_timeout, left))
-        if "memory_limit_gb" in spec_i:
-            results[name]["memory_limit_gb"] = spec_i["memory_limit_gb"]
         shown = {k: v for k, v in results[name].items() if k not in ("side", "overrides")}
         print(json.dumps(shown, default=str), flush=True)
         # After each configuration, so a run cut short keeps what it measured.

@@ -94,21 +94,30 @@ def test_compiled_step_on_a_dequantized_base(make_cfg):
     over three optimizer steps as with MLX's quantized matmul (the later ones follow from the
     gradients of the earlier)."""
     losses = {}
-    for setting in ("native", "dequantize"):
+    # Under the step's own memory limit the head is dequantized again for the backward pass.
+    for setting, limit in (("native", "null"), ("dequantize", "null"), ("dequantize", "step")):
         cfg = make_cfg(
-            "model=tiny-q4", "training.max_seq_length=24", f"training.quantized_matmul={setting}"
+            "model=tiny-q4",
+            "training.max_seq_length=24",
+            f"training.quantized_matmul={setting}",
+            f"memory.limit_gb={limit}",
         )
         loaded = models.load(cfg.model, cfg.paths.models)
         mx.random.seed(0)
-        step.apply_lora(
-            loaded.model, 2, step.lora_parameters(cfg.lora, 4), False, "float32", setting
-        )
-        train_step = step.make_step(loaded.model, step.make_optimizer(cfg.training, 10), cfg)
-        batch = step.split_micro_batches(data.synthetic_batch(256, 2, 24, 0), 1)
-        losses[setting] = [train_step(batch).loss.item() for _ in range(3)]
-        step.remove_lora(loaded.model)
-    assert losses["dequantize"] == pytest.approx(losses["native"], rel=1e-5)
-    assert losses["native"][2] != losses["native"][0]  # the adapters moved
+        step.lora_from_config(loaded.model, cfg, step.lora_parameters(cfg.lora, 4))
+        if setting == "dequantize":
+            assert loaded.model.lm_head._keep_for_backward == (limit == "null")
+        before = mx.set_memory_limit(1 << 40)
+        try:
+            train_step = step.make_step(loaded.model, step.make_optimizer(cfg.training, 10), cfg)
+            batch = step.split_micro_batches(data.synthetic_batch(256, 2, 24, 0), 1)
+            losses[setting, limit] = [train_step(batch).loss.item() for _ in range(3)]
+        finally:
+            mx.set_memory_limit(before)
+            step.remove_lora(loaded.model)
+    for dequantized in (("dequantize", "null"), ("dequantize", "step")):
+        assert losses[dequantized] == pytest.approx(losses["native", "null"], rel=1e-5)
+    assert losses["native", "null"][2] != losses["native", "null"][0]  # the adapters moved
 
 
 def test_each_dequantization_runs_just_before_its_product():

@@ -52,8 +52,9 @@ def profile_document(st, trial, url: str) -> dict:
             "loss_chunk_tokens": settings.get("loss_chunk_tokens"),
             "quantized_matmul": settings.get("quantized_matmul", "native"),
         },
-        # MLX's cache and wired limits the footprint was measured with: training applies them.
-        "memory": settings["memory"],
+        # MLX's limits the footprint was measured with: training applies them. A study records
+        # the memory limit only where one was set; where none was, MLX's default ran (null).
+        "memory": {**settings["memory"], "limit_gb": settings["memory"].get("limit_gb")},
         "lora": {
             "rank": rank,
             "alpha": record.alpha_for(rank),
