@@ -215,7 +215,8 @@ def memory_settings(
 
 
 def memory_limits(cfg: DictConfig) -> None:
-    """`memory.*`: each limit is auto, null (MLX's default) or a size in GB."""
+    """`memory.*`: each limit is auto, null (MLX's default) or a size in GB; the memory limit
+    may also be the step's own need (step)."""
     named = {
         "cache_limit_gb": ("auto",),
         "wired_limit_gb": ("auto",),
@@ -379,7 +380,8 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         "grad_checkpoint": bool(cfg.training.grad_checkpoint),
         "grad_accumulation": int(cfg.training.grad_accumulation),
         "compile": bool(cfg.training.compile),
-        # MLX's cache and wired limits, as this backend resolves them: they decide the footprint.
+        # MLX's cache, wired and memory limits, as this backend resolves them: they decide the
+        # footprint.
         "memory": memory_settings(
             cfg, info["backend"], info.get("memory_bytes"), str(cfg.sweep.step)
         ),

@@ -9,12 +9,12 @@ only the weights being multiplied are dequantized, each just before its product.
 backward pass dequantizes again rather than keep the forward's copy, so no layer's dequantized
 weights are kept from one pass to the other, with or without checkpointing. The output head,
 whose backward pass comes right after the loss, keeps its forward pass's copy instead, unless
-the step runs under its own memory limit (`memory.limit_gb=step`, the default here on CUDA):
-without it, dequantizing the head again held both copies at once on an H200 (a buffer is freed
-only once the GPU has run what reads it, and the two products are a few operations apart); under
-it, where nothing is queued past the step's need, dequantizing again held 1.63 GB less than
-keeping the copy (an 8B step: 10.48 against 12.11 GB), at the same speed. Layers below the LoRA
-ones only run forward and keep MLX's quantized matmul.
+the step runs under its own memory limit (`memory.limit_gb=step`, the default for such a base on
+CUDA). Without that limit, dequantizing the head again held both copies at once on an H200 (a
+buffer is freed only once the GPU has run what reads it, and the two products are a few
+operations apart); under it, where nothing is queued past the step's need, dequantizing again
+held 1.63 GB less than keeping the copy (an 8B step: 10.48 against 12.11 GB), at the same speed.
+Layers below the LoRA ones only run forward and keep MLX's quantized matmul.
 """
 
 import mlx.core as mx
