@@ -169,13 +169,15 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
     # MLX's cache limit the footprint was measured with is applied too (the default is auto).
     assert applied.memory.cache_limit_gb == 0.5 and applied.memory.wired_limit_gb is None
     assert applied.memory.limit_gb == 12
+    assert (applied.training.batch_size, applied.lora.rank, applied.lora.num_layers) == (4, 64, 16)
+    assert applied.model.path == swept.model.path  # the embedded model: its own local path
     # A study measured under MLX's default memory limit trains under it, whatever the default.
     del settings["memory"]["limit_gb"]
     st.set_user_attr("settings", settings)
     unlimited = export.profile_document(st, st.trials[0], "sqlite:///x.db")
-    assert unlimited["memory"]["limit_gb"] is None
-    assert (applied.training.batch_size, applied.lora.rank, applied.lora.num_layers) == (4, 64, 16)
-    assert applied.model.path == swept.model.path  # the embedded model: its own local path
+    (tmp_path / "profile" / "unlimited.yaml").write_text(export.render_profile(unlimited))
+    overrides = [f"hydra.searchpath=[file://{tmp_path}]", "+profile=unlimited"]
+    assert compose_config(overrides).memory.limit_gb is None  # not the default, auto
 
 
 @pytest.mark.parametrize(
