@@ -77,6 +77,11 @@ def apply_memory_settings(settings: dict) -> None:
         mx.set_memory_limit(int(settings["limit_gb"] * 1e9))
 
 
+def limit_is_the_steps_need(cfg) -> bool:
+    """Whether a run's memory limit resolves to the step's own need here (StepMemoryLimit)."""
+    return memory_settings(cfg).get("limit_gb") == "step"
+
+
 # MLX's memory limit while a step measures its own need: below anything MLX holds, so each
 # evaluation waits for the work queued before it.
 DRAINING_LIMIT = 1

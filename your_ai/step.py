@@ -188,7 +188,7 @@ def lora_from_config(model: nn.Module, cfg: DictConfig, params: dict | None = No
         str(cfg.lora.compute_dtype),
         str(cfg.training.quantized_matmul),
         str(cfg.lora.fine_tune_type),
-        device.memory_settings(cfg).get("limit_gb") == "step",
+        device.limit_is_the_steps_need(cfg),
     )
 
 
@@ -318,9 +318,7 @@ def make_step(
         return mx.mean(distrust_term(micro[2], micro[3], float(cfg.distrust.alpha)))
 
     apply_update = update
-    limit = None
-    if device.memory_settings(cfg).get("limit_gb") == "step":
-        limit = device.StepMemoryLimit()
+    limit = device.StepMemoryLimit() if device.limit_is_the_steps_need(cfg) else None
     if cfg.training.compile:
         single = mx.compile(single, inputs=state, outputs=state)
         accumulate = mx.compile(accumulate, inputs=state, outputs=state)
