@@ -101,8 +101,9 @@ class StepMemoryLimit:
         self.limit_bytes: int | None = None
 
     def evaluate(self, tokens: int, arrays: list) -> None:
-        """Evaluate `arrays`, a step over `tokens` tokens, draining first if it is the longest
-        yet; otherwise leave them to the caller's evaluation under the limit."""
+        """For a step over more tokens than any before it, evaluate `arrays` (its result and
+        state) draining and set the limit at MLX's peak; otherwise leave them to the caller's
+        evaluation under the limit."""
         if tokens <= self.tokens:
             return
         mx.set_memory_limit(DRAINING_LIMIT)
