@@ -166,6 +166,12 @@ def largest_layer_bytes(arch: dict, dtype: str) -> int:
     return largest * element_bytes(dtype)
 
 
+def q4_bound(bf16: dict, q4: dict, layer_bytes: int) -> int:
+    """What a 4-bit step may hold: the bf16 step's footprint with its weights swapped for the
+    4-bit ones, plus the largest layer dequantized (the output head at a large vocabulary)."""
+    return bf16["outside_peak_bytes"] - bf16["weight_bytes"] + q4["weight_bytes"] + layer_bytes
+
+
 def step_flops(n_params: float, layers: int, lora_layers: int, tokens: int, ckpt: bool) -> float:
     """benchmarks/gpu.py's count: a forward pass over all parameters, a backward pass over the
     LoRA layers' share of them (activation gradients), one more forward of them with
@@ -499,14 +505,11 @@ def summarise(results: dict, spec: dict) -> str:
     for name in ("ours-q4-ckpt", "ours-q4-dequant-ckpt", "ours-q4-dequant-unlimited-ckpt"):
         if name in ok and "ours-ckpt" in ok:
             q4, bf16 = ok[name], ok["ours-ckpt"]
-            # The bf16 step's footprint with its weights swapped for the 4-bit ones, plus the
-            # largest layer dequantized (the output head at a large vocabulary).
             layer = largest_layer_bytes(arch, spec["dtype"])
-            bound = bf16["outside_peak_bytes"] - bf16["weight_bytes"] + q4["weight_bytes"] + layer
             text += (
                 f"\n- {name}: {q4['step_s'] / bf16['step_s']:.2f}x the bf16 step's time "
                 f"(target <= 1.5x), footprint {gb(q4['outside_peak_bytes'])} GB against "
-                f"{gb(bound)} GB (target: no more): the bf16 step's "
+                f"{gb(q4_bound(bf16, q4, layer))} GB (target: no more): the bf16 step's "
                 f"{gb(bf16['outside_peak_bytes'])} less its weights "
                 f"{gb(bf16['weight_bytes'])}, plus the 4-bit weights "
                 f"{gb(q4['weight_bytes'])} and one layer dequantized {gb(layer)}"
@@ -514,10 +517,9 @@ def summarise(results: dict, spec: dict) -> str:
             if "ours-step-ckpt" in ok:
                 # The same bound from the bf16 step under its own need as the memory limit.
                 own = ok["ours-step-ckpt"]
-                own_bound = own["outside_peak_bytes"] - own["weight_bytes"] + q4["weight_bytes"]
                 text += (
                     f"; against the bf16 step under memory.limit_gb=step "
-                    f"({gb(own['outside_peak_bytes'])} GB): {gb(own_bound + layer)} GB"
+                    f"({gb(own['outside_peak_bytes'])} GB): {gb(q4_bound(own, q4, layer))} GB"
                 )
     for name, r in results.items():
         if "memory" in r:

@@ -200,11 +200,10 @@ def memory_settings(
         wired = device_memory_bytes / 1e9 if backend == "metal" and device_memory_bytes else None
     limit = memory_cfg.get("limit_gb")
     if limit == "auto":
-        limit = None if step == "mlx_lm" else auto_memory_limit(cfg, backend)
-    elif limit == "step":
-        # Only our step measures its own need (step.make_step).
-        limit = "step" if step != "mlx_lm" else None
-    elif limit is not None:
+        limit = auto_memory_limit(cfg, backend)
+    if limit == "step" and step == "mlx_lm":
+        limit = None  # only our step measures its own need (step.make_step)
+    elif limit not in (None, "step"):
         limit = float(limit)
     return {
         "cache_limit_gb": None if cache is None else float(cache),

@@ -98,7 +98,6 @@ class StepMemoryLimit:
 
     def __init__(self):
         self.tokens = 0
-        self.limit_bytes: int | None = None
 
     def evaluate(self, tokens: int, arrays: list) -> None:
         """For a step over more tokens than any before it, evaluate `arrays` (its result and
@@ -110,6 +109,5 @@ class StepMemoryLimit:
         try:
             mx.eval(arrays)
         finally:
-            self.limit_bytes = max(mx.get_peak_memory(), self.limit_bytes or 0)
-            mx.set_memory_limit(self.limit_bytes)
+            mx.set_memory_limit(mx.get_peak_memory())
         self.tokens = tokens
