@@ -6,7 +6,10 @@ layer shape (forward x @ W.T and the backward product dY @ W), the LoRA product 
 bf16, causal attention three ways (MLX's own, ours padded to the multiple of 128 MLX's fused
 gradient needs, ours with the blocked backward) at a row's input length (one token shorter than
 the row) and at the multiple itself, and SwiGLU with MLX's gradient of mlx-lm's compiled
-`silu(gate) * x` against ours, which recomputes the sigmoid (your_ai/swiglu.py).
+`silu(gate) * x` against ours, which recomputes the sigmoid (your_ai/swiglu.py); q, k and v's
+LoRA layers as mlx-lm's and through shared_input.py's one down-projection. Timed alone, each
+operation includes a launch and a synchronisation: the small ones are slower here than inside a
+step.
 
     python benchmarks/step_parts.py [--tokens 4096 --seq 1024] [--hidden 4096 ...]
         [--repeats 20] [--output FILE]
@@ -38,11 +41,28 @@ def timed(fn, args: tuple, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def lora_layer(into: int, out: int, rank: int):
+    """mlx-lm's LoRA layer on a bf16 base, float32 adapters, only the adapters trainable."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.tuner.lora import LoRALinear
+
+    base = nn.Linear(into, out, bias=False)
+    base.set_dtype(mx.bfloat16)
+    layer = LoRALinear.from_base(base, r=rank)
+    layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.01
+    layer.freeze()
+    layer.unfreeze(keys=["lora_a", "lora_b"])
+    return layer
+
+
 def rows_for(args) -> list[list]:
     import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
-    from your_ai import attention, swiglu
+    from your_ai import attention, shared_input, swiglu
 
     bf16 = mx.bfloat16
     tokens, hidden, inner = args.tokens, args.hidden, args.intermediate
@@ -121,6 +141,34 @@ def rows_for(args) -> list[list]:
     )
     add("LoRA product, float32, forward + backward", mx.compile(lora_grad), (x, a, b))
     del x, a, b, g
+
+    # q, k and v's LoRA layers on one input, as mlx-lm's layers and sharing their x @ A
+    # (your_ai/shared_input.py): forward, and the gradients of the input and the adapters.
+    for name, share in (("three layers", False), ("down-projections shared", True)):
+        projections = [lora_layer(hidden, out, rank) for out in (hidden, kv_out, kv_out)]
+        holder = nn.Module()
+        holder.q_proj, holder.k_proj, holder.v_proj = projections
+        if share:
+            shared_input.share_inputs(holder, in_input_dtype=False)
+        x = normal(tokens, hidden)
+        cotangents = [normal(tokens, hidden), normal(tokens, kv_out), normal(tokens, kv_out)]
+
+        names = [name for name, _ in tree_flatten(holder.trainable_parameters())]
+
+        def qkv_grad(x, *adapters, holder=holder, names=names, cotangents=cotangents):
+            def forward(x, *adapters):
+                holder.update(tree_unflatten(list(zip(names, adapters, strict=True))))
+                return [holder.q_proj(x), holder.k_proj(x), holder.v_proj(x)]
+
+            return mx.vjp(forward, [x, *adapters], cotangents)
+
+        adapters = [a for _, a in tree_flatten(holder.trainable_parameters())]
+        add(
+            f"LoRA on q, k, v, float32, {name}, forward + backward",
+            mx.compile(qkv_grad),
+            (x, *adapters),
+        )
+        del holder, x, cotangents, adapters
 
     batch = tokens // args.seq
     scale = head_dim**-0.5

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from your_ai import attention, cpu_ops, device, loss, models, step, swiglu
+from your_ai import attention, cpu_ops, device, loss, models, shared_input, step, swiglu
 
 
 def reference(q, k, v, scale):
@@ -145,7 +145,12 @@ def loss_and_grads(cfg, routed: bool, compute_dtype: str, monkeypatch):
         if not routed:
             unroute(model)
             patch.setattr(attention, "use_for_training", lambda model, backend: False)
+            patch.setattr(shared_input, "share_inputs", lambda layer, in_input_dtype: 0)
         step.apply_lora(model, 4, step.lora_parameters(cfg.lora), False, compute_dtype)
+    loras = [m for _, m in model.named_modules() if hasattr(m, "lora_a")]
+    shared = [type(m) is shared_input.SharedInputLoRA for m in loras]
+    assert len(loras) == 16
+    assert all(shared) == (routed and device.backend() in step.SHARED_INPUT_BACKENDS)
     routed_now = sys.modules[type(model).__module__].scaled_dot_product_attention
     # Metal keeps MLX's own kernels: nothing is routed there.
     assert hasattr(routed_now, "original") == (routed and device.backend() != "metal")
@@ -184,13 +189,15 @@ def test_routed_model_trains_like_mlx_lm(tmp_path, monkeypatch):
     assert logits.shape == (1, 3, 260)
 
 
+@pytest.mark.parametrize("tile", [128, 40])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_model_routed_as_on_cuda_trains_like_mlx_lm(tmp_path, monkeypatch, dtype):
+def test_model_routed_as_on_cuda_trains_like_mlx_lm(tmp_path, monkeypatch, dtype, tile):
     """The layers as CUDA runs them, here on the CPU: SwiGLU recomputing its sigmoid, and the
     attention padded for MLX's fused gradient (bf16; the tiny model's 39 inputs to 128) or with
-    the blocked backward (float32). In float32 the loss and every LoRA gradient are mlx-lm's; in
-    bf16 they are no further from the float32 model's than mlx-lm's own bf16 step's are (its
-    rounding moves the gradients by about 10 %)."""
+    the blocked backward (float32). With a tile of 40, the rows' width, the model reads all 40
+    positions instead (attention.reads_whole_rows) and nothing is padded. In float32 the loss
+    and every LoRA gradient are mlx-lm's; in bf16 they are no further from the float32 model's
+    than mlx-lm's own bf16 step's are (its rounding moves the gradients by about 10 %)."""
     from tests.conftest import compose_config
 
     def config(dtype):
@@ -199,18 +206,22 @@ def test_model_routed_as_on_cuda_trains_like_mlx_lm(tmp_path, monkeypatch, dtype
     exact_value, exact_grads = loss_and_grads(config("float32"), False, "float32", monkeypatch)
     ref_value, ref_grads = loss_and_grads(config(dtype), False, "float32", monkeypatch)
     monkeypatch.setattr(device, "backend", lambda: "cuda")
-    routed = {}
+    monkeypatch.setattr(attention, "FUSED_GRADIENT_TILE", tile)
+    routed, lengths = {}, set()
     for name in ("padded_causal_attention", "blocked_causal_attention"):
         original = getattr(attention, name)
 
         def counted(*args, name=name, original=original):
             routed[name] = routed.get(name, 0) + 1
+            lengths.add(args[0].shape[2])
             return original(*args)
 
         monkeypatch.setattr(attention, name, counted)
     value, grads = loss_and_grads(config(dtype), True, "float32", monkeypatch)
     expected = "padded_causal_attention" if dtype == "bfloat16" else "blocked_causal_attention"
     assert list(routed) == [expected]
+    # The attention's length: the rows' 40 positions where the model reads them all.
+    assert lengths == ({40} if tile == 40 else {39})
     assert grads.keys() == ref_grads.keys() == exact_grads.keys()
     if dtype == "float32":
         assert value == pytest.approx(ref_value, rel=1e-6)

@@ -290,10 +290,11 @@ def test_step_parts(runs):
     timed = [
         line for line in text.splitlines() if line.startswith("| ") and "operation" not in line
     ]
-    assert len(timed) == 23
+    assert len(timed) == 25
     for line in timed:
         assert float(line.split("|")[2]) > 0, line
     assert "| q, k, v: one concatenated product, forward + backward" in text
+    assert "| LoRA on q, k, v, float32, down-projections shared, forward + backward" in text
     for way in ("MLX's own", "padded (ours)", "blocked backward (ours)"):
         assert (
             f"| attention, 63 tokens, {way}" in text and f"| attention, 64 tokens, {way}" in text

@@ -15,6 +15,7 @@ average to 1, and samples with a larger term (low authority, high provenance ent
 import mlx.core as mx
 import mlx.nn as nn
 
+from your_ai import attention
 from your_ai.config import DISTRUST_MODES
 
 MODES = (*DISTRUST_MODES, "none")
@@ -104,7 +105,11 @@ def token_cross_entropy(
     real (unpadded) ones from row i's `offsets[i]` on (the completion, with a masked prompt).
 
     With `chunk`, the logits are computed `chunk` tokens at a time (chunked_cross_entropy)."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if attention.reads_whole_rows(tokens.shape[1]):
+        # The last position predicts no token of the row; its target is padding, never counted.
+        inputs, targets = tokens, mx.pad(tokens[:, 1:], [(0, 0), (0, 1)])
+    else:
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
     split = output_head(model) if chunk else None
     if split is not None:
         body, head = split

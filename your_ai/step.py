@@ -15,12 +15,17 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
 from omegaconf import DictConfig
 
-from your_ai import attention, device, quantized, record
+from your_ai import attention, device, quantized, record, shared_input
 from your_ai.config import FINE_TUNE_TYPES, LORA_COMPUTE_DTYPES, QUANTIZED_MATMULS
 from your_ai.errors import UserError
 from your_ai.loss import distrust_term, loss_fn, output_head, token_cross_entropy
 
 _CHECKPOINT_PATCHED: set[type] = set()
+
+# Backends whose LoRA layers take their down-projections from shared_input.py. On the CPU a
+# float32 model has no input copy to save, and the step ran at the same speed either way within
+# the machine's noise; Metal is not measured. Both keep mlx-lm's arithmetic.
+SHARED_INPUT_BACKENDS = ("cuda",)
 
 
 def lora_parameters(lora: DictConfig, rank: int | None = None) -> dict:
@@ -138,11 +143,13 @@ def apply_lora(
     """LoRA (or DoRA) on the last `num_layers` layers; returns the number of trainable
     parameters.
 
-    compute_dtype "input" runs the LoRA matmuls in the activations' dtype (CastLoRALinear);
-    quantized_matmul "dequantize" multiplies by a quantized base's weights dequantized per use
-    in the layers the backward pass runs through (your_ai/quantized.py), the output head's
-    again for the backward pass where the step runs under its own memory limit
-    (`step_memory_limit`). DoRA layers keep mlx-lm's arithmetic.
+    compute_dtype "input" runs the LoRA matmuls in the activations' dtype (CastLoRALinear); on
+    CUDA, the layers' down-projections keep their input in its own dtype and are shared by
+    layers reading one input (your_ai/shared_input.py). quantized_matmul "dequantize"
+    multiplies by a quantized base's weights dequantized per use in the layers the backward
+    pass runs through (your_ai/quantized.py), the output head's again for the backward pass
+    where the step runs under its own memory limit (`step_memory_limit`). DoRA layers keep
+    mlx-lm's arithmetic.
     """
     if compute_dtype not in LORA_COMPUTE_DTYPES:
         choices = ", ".join(LORA_COMPUTE_DTYPES)
@@ -160,6 +167,9 @@ def apply_lora(
     linear_to_lora_layers(model, num_layers, params, use_dora=fine_tune_type == "dora")
     if compute_dtype == "input":
         _cast_lora_layers(model)
+    if device.backend() in SHARED_INPUT_BACKENDS:
+        for layer in model.layers[-num_layers:]:
+            shared_input.share_inputs(layer, compute_dtype == "input")
     if quantized_matmul == "dequantize":
         quantized.use_dequantized(model, num_layers, keep_head=not step_memory_limit)
     attention.use_for_training(model, device.backend())
