@@ -111,3 +111,26 @@ def test_input_kept_in_its_own_dtype():
         peaks[shared] = mx.get_peak_memory() - base
     copy_bytes = x.size * 4  # one float32 copy of the input
     assert peaks[False] - peaks[True] >= 2 * copy_bytes, peaks
+
+
+def test_in_input_dtype_is_cast_lora_linear_s():
+    """With `lora.compute_dtype=input` the adapters are cast to the input's dtype for their
+    products, as CastLoRALinear does."""
+    from your_ai.step import CastLoRALinear
+
+    mx.random.seed(2)
+    x = mx.random.normal((2, 24, HIDDEN)).astype(mx.bfloat16)
+    reference = attention()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        reference[name] = CastLoRALinear.from_lora(reference[name])
+    ref_value, ref_grads, ref_input = value_and_grads(reference, x)
+    module = attention()
+    shared_input.share_inputs(module, in_input_dtype=True)
+    value, grads, input_grad = value_and_grads(module, x)
+    assert value.item() == pytest.approx(ref_value.item(), rel=1e-6)
+    for name in grads:
+        assert grads[name].dtype == mx.float32
+        # The same bf16 products (float32 ones differ from them by 0.6-2.5 %).
+        assert relative_error(grads[name], ref_grads[name]) < 1e-5, name
+    # bf16: the input's gradient is rounded once instead of once per layer.
+    assert relative_error(input_grad, ref_input) < 1e-2
