@@ -12,8 +12,8 @@ Where the rows are a multiple of 128 tokens, the loss feeds the model every posi
 (`reads_whole_rows`) and nothing needs padding. Attention cuDNN does not take keeps the fused
 forward pass with a backward pass that recomputes the scores one query block at a time against
 only the keys that block can see, in layouts the GPU's batched matmul takes without copies
-(3.0 ms at that shape). On the CPU, where nothing is
-fused, the forward pass is blocked the same way and uses the vectorised softmax of `cpu_ops`.
+(3.0 ms at that shape). On the CPU, where nothing is fused, the forward pass is blocked the
+same way and uses the vectorised softmax of `cpu_ops`.
 """
 
 import functools
