@@ -7,8 +7,9 @@ layers with float32 adapters, AdamW, clipping at 1.0, sdpa attention, eager or `
 gradient checkpointing on or off. Ours is the sweep's own trial (your_ai/trial.py) at the same
 batch, rank, layers and sequence length. A sampler in this process reads each configuration's
 process from outside (NVML on CUDA, the resident set on the CPU); each process also reports its
-allocator's peak (MLX's counter, `torch.cuda.max_memory_allocated`). The bf16 matmul rate is
-measured through both frameworks in their own processes, and MFU is over the better of them.
+allocator's peak (MLX's counter, `torch.cuda.max_memory_allocated`) and its CPU time per step,
+which says whether the host keeps the GPU waiting. The bf16 matmul rate is measured through both
+frameworks in their own processes, and MFU is over the better of them.
 
     python benchmarks/peer_torch.py --out DIR [--parts ours-ckpt,torch-compile-ckpt,...]
         [--arch hidden_size=64 ...] [--batch 4 --seq 1024 --rank 128 --lora-layers 24]
@@ -30,6 +31,7 @@ has them); nothing of theirs is imported by the package.
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -272,7 +274,7 @@ def torch_step(spec: dict) -> dict:
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the weights stay resident, so they count
-    times, losses = [], []
+    times, losses, cpu_marks = [], [], []
     for _ in range(spec["warmup"] + spec["steps"]):
         sync()
         tick = time.perf_counter()
@@ -284,6 +286,7 @@ def torch_step(spec: dict) -> dict:
         losses.append(loss.item())  # synchronises, as our step's mx.eval does
         sync()
         times.append(time.perf_counter() - tick)
+        cpu_marks.append(time.process_time())
     allocated = torch.cuda.max_memory_allocated() if dev == "cuda" else None
     reserved = torch.cuda.max_memory_reserved() if dev == "cuda" else None
     return {
@@ -296,6 +299,7 @@ def torch_step(spec: dict) -> dict:
         "loss_last": losses[-1],
         "trainable_params": sum(p.numel() for p in trainable),
         "framework": f"torch {torch.__version__}",
+        "cpu_s": timed_cpu(cpu_marks, spec["warmup"]),
     }
 
 
@@ -342,7 +346,15 @@ def our_step(spec: dict) -> dict:
         "lora.num_layers": spec["lora_layers"],
     }
     meter = footprint.meter(device.backend(), idle_gpu_bytes)
-    result = trial.measure(loaded, cfg, params, record.Limits(float("inf"), 0.0), meter)
+    cpu_marks: list[float] = []  # the process's CPU time at the end of each step
+    result = trial.measure(
+        loaded,
+        cfg,
+        params,
+        record.Limits(float("inf"), 0.0),
+        meter,
+        lambda _step: cpu_marks.append(time.process_time()),
+    )
     meter.close()
     if result.state != "complete":
         raise RuntimeError(f"our step did not complete: {result.state} {result.reason}")
@@ -357,7 +369,15 @@ def our_step(spec: dict) -> dict:
         "loss_last": result.loss_last,
         "trainable_params": result.trainable_params,
         "framework": f"mlx {mx.__version__}",
+        "cpu_s": timed_cpu(cpu_marks, spec["warmup"]),
     }
+
+
+def timed_cpu(marks: list[float], warmup: int) -> float:
+    """The median CPU time of the timed steps, from the process's CPU time at each step's end:
+    set beside the step's wall time, it says whether the host keeps the GPU waiting."""
+    spent = [after - before for before, after in itertools.pairwise(marks)]
+    return statistics.median(spent[max(warmup - 1, 0) :])
 
 
 def child(name: str, spec: dict) -> dict:
@@ -446,7 +466,7 @@ def summarise(results: dict, spec: dict) -> str:
         if "tflops" in r or "memory" in r or CONFIGS[name]["side"] == "memory":
             continue
         if "error" in r:
-            rows.append([name, r["error"], *["-"] * 7])
+            rows.append([name, r["error"], *["-"] * 8])
             continue
         flops = step_flops(
             n_params, arch["num_hidden_layers"], spec["lora_layers"], tokens, r["checkpoint"]
@@ -463,6 +483,7 @@ def summarise(results: dict, spec: dict) -> str:
                 gb(r["allocator_peak_bytes"]),
                 gb(r.get("reserved_peak_bytes")),
                 f"{r['first_step_s']:.1f}",
+                f"{r['cpu_s']:.3f}" if "cpu_s" in r else "-",
             ]
         )
     head = [
@@ -475,6 +496,7 @@ def summarise(results: dict, spec: dict) -> str:
         "allocator peak GB",
         "torch reserved GB",
         "first step s",
+        "CPU s/step",
     ]
     text = (
         f"shape: {arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}, vocab "
@@ -482,7 +504,9 @@ def summarise(results: dict, spec: dict) -> str:
         f"{spec['batch']} x {spec['seq']} random tokens, LoRA rank {spec['rank']} / alpha "
         f"{spec['alpha']} on q/k/v/o of the last {spec['lora_layers']} layers (float32 "
         f"adapters), AdamW, clip 1.0; median of {spec['steps']} steps after {spec['warmup']}; "
-        "each configuration in its own process.\n\n"
+        "each configuration in its own process; CPU s/step: the process's CPU time per timed "
+        "step, all its threads (a host thread kept busy all the step long shows as about the "
+        "step's time).\n\n"
     )
     if rates:
         measured = ", ".join(f"{n.split('-')[1]} {v:.3g} TFLOP/s" for n, v in rates.items())

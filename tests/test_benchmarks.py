@@ -321,3 +321,4 @@ def test_peer_torch_ours(runs):
         seconds = float(step_s)
         assert 64 / (seconds + 0.0005) <= float(tokens_per_s) <= 64 / (seconds - 0.0005), name
         assert float(_rest[2]) > 0, name
+        assert float(_rest[6]) > 0, name  # the process's CPU time per step
