@@ -24,12 +24,14 @@ from mlx_lm.tuner.lora import LoRALinear
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _offsets(widths: list[int]) -> list[int]:
+def _offsets(adapters) -> list[int]:
+    """Where each adapter's columns start in the concatenated adapters, after the first."""
+    widths = [a.shape[-1] for a in adapters]
     return [sum(widths[: i + 1]) for i in range(len(widths) - 1)]
 
 
-def _stacked(adapters: tuple[mx.array, ...]) -> mx.array:
-    return adapters[0] if len(adapters) == 1 else mx.concatenate(adapters, axis=-1)
+def _stacked(arrays) -> mx.array:
+    return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=-1)
 
 
 @mx.custom_function
@@ -40,12 +42,8 @@ def down_projections(x: mx.array, *adapters: mx.array) -> tuple[mx.array, ...]:
     block of rows and its (tokens, rank) result a transposed view, which the next matmul takes
     without a copy."""
     rows = x.reshape(-1, x.shape[-1])
-    stacked = _stacked(adapters)
-    product_t = stacked.T @ rows.T
-    widths = [a.shape[-1] for a in adapters]
-    if len(adapters) == 1:
-        return (product_t.T,)
-    return tuple(part.T for part in mx.split(product_t, _offsets(widths), axis=0))
+    product_t = _stacked(adapters).T @ rows.T
+    return tuple(part.T for part in mx.split(product_t, _offsets(adapters), axis=0))
 
 
 @down_projections.vjp
@@ -53,13 +51,12 @@ def _down_projections_vjp(primals, cotangents, outputs):
     x, *adapters = primals
     # Only x, in its own dtype, is kept from the forward pass: the float32 copy a promoted
     # product would keep, and the concatenated adapters, are made again here.
-    stacked = _stacked(tuple(adapters))
-    d_product = _stacked(tuple(c.astype(stacked.dtype) for c in cotangents))
+    stacked = _stacked(adapters)
+    d_product = _stacked([c.astype(stacked.dtype) for c in cotangents])
     rows = x.reshape(-1, x.shape[-1])
     d_x = (d_product @ stacked.T).reshape(x.shape)
     d_stacked = rows.T.astype(stacked.dtype) @ d_product
-    widths = [a.shape[-1] for a in adapters]
-    parts = mx.split(d_stacked, _offsets(widths), axis=-1) if len(adapters) > 1 else [d_stacked]
+    parts = mx.split(d_stacked, _offsets(adapters), axis=-1)
     return (
         d_x.astype(x.dtype),
         *(p.astype(a.dtype) for p, a in zip(parts, adapters, strict=True)),
