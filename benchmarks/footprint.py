@@ -196,7 +196,7 @@ def sampling_cost(model: list[str], params: dict, repeats: int) -> dict:
 
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*model, "sweep.steps=12", "sweep.early_stop=false"])
-    os.environ.update(preload.mlx_env(cfg.cuda_ops_per_buffer, device.backend()))
+    os.environ.update(preload.mlx_env(cfg, device.backend()))
     device.apply_memory_settings(device.memory_settings(cfg))
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
     backend = device.backend()

@@ -160,7 +160,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(your_ai.CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=MODEL)
     # Trials run in this process here: set it as a worker would, before the first GPU work.
-    os.environ.update(preload.mlx_env(cfg.cuda_ops_per_buffer, devices.backend()))
+    os.environ.update(preload.mlx_env(cfg, devices.backend()))
     results["ops_per_buffer"] = os.environ.get(preload.OPS_PER_BUFFER_ENV, "MLX default (20)")
     device = mx.device_info().get("device_name", "?")
     results["device"] = device

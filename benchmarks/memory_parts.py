@@ -140,7 +140,7 @@ def breakdown(overrides: list[str], chunk: int) -> dict:
 
     from your_ai import device, models, trial
 
-    os.environ.update(preload.mlx_env(cfg.cuda_ops_per_buffer, device.backend()))
+    os.environ.update(preload.mlx_env(cfg, device.backend()))
     device.apply_memory_settings(device.memory_settings(cfg))
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
     trial.release_memory()

@@ -335,7 +335,7 @@ def our_step(spec: dict) -> dict:
 
     from your_ai import device, models, trial
 
-    os.environ.update(preload.mlx_env(cfg.cuda_ops_per_buffer, device.backend()))
+    os.environ.update(preload.mlx_env(cfg, device.backend()))
     device.apply_memory_settings(device.memory_settings(cfg))
     tick = time.perf_counter()
     loaded = models.load(cfg.model, cfg.paths.models, int(cfg.seed))
@@ -370,6 +370,8 @@ def our_step(spec: dict) -> dict:
         "trainable_params": result.trainable_params,
         "framework": f"mlx {mx.__version__}",
         "cpu_s": timed_cpu(cpu_marks, spec["warmup"]),
+        # cuda_graphs as this process ran (on the CPU there are none).
+        "cuda_graphs": {"1": "on", "0": "off"}.get(os.environ.get(preload.GRAPHS_ENV), "-"),
     }
 
 
@@ -466,7 +468,7 @@ def summarise(results: dict, spec: dict) -> str:
         if "tflops" in r or "memory" in r or CONFIGS[name]["side"] == "memory":
             continue
         if "error" in r:
-            rows.append([name, r["error"], *["-"] * 8])
+            rows.append([name, r["error"], *["-"] * 9])
             continue
         flops = step_flops(
             n_params, arch["num_hidden_layers"], spec["lora_layers"], tokens, r["checkpoint"]
@@ -484,6 +486,7 @@ def summarise(results: dict, spec: dict) -> str:
                 gb(r.get("reserved_peak_bytes")),
                 f"{r['first_step_s']:.1f}",
                 f"{r['cpu_s']:.3f}" if "cpu_s" in r else "-",
+                r.get("cuda_graphs", "-"),
             ]
         )
     head = [
@@ -497,6 +500,7 @@ def summarise(results: dict, spec: dict) -> str:
         "torch reserved GB",
         "first step s",
         "CPU s/step",
+        "MLX CUDA graphs",
     ]
     text = (
         f"shape: {arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}, vocab "
@@ -506,7 +510,7 @@ def summarise(results: dict, spec: dict) -> str:
         f"adapters), AdamW, clip 1.0; median of {spec['steps']} steps after {spec['warmup']}; "
         "each configuration in its own process; CPU s/step: the process's CPU time per timed "
         "step, all its threads (a host thread kept busy all the step long shows as about the "
-        "step's time).\n\n"
+        "step's time); MLX CUDA graphs: `cuda_graphs` as resolved for our step.\n\n"
     )
     if rates:
         measured = ", ".join(f"{n.split('-')[1]} {v:.3g} TFLOP/s" for n, v in rates.items())

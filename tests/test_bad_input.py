@@ -75,6 +75,7 @@ def digest(path) -> str:
             ["cuda_ops_per_buffer=0"],
             "error: cuda_ops_per_buffer=0 must be a positive integer or null",
         ),
+        (["cuda_graphs=maybe"], "error: cuda_graphs=maybe is not one of auto, true, false"),
         (
             ["sweep.objective=speed"],
             "error: sweep.objective=speed is not one of score, tokens_per_sec",

@@ -1,5 +1,7 @@
 """Hydra composition of mode, model and overrides through the compose API."""
 
+import json
+
 import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
@@ -112,15 +114,63 @@ def test_cuda_ops_per_buffer_reaches_cuda_processes_and_their_study_settings_onl
 
     cfg = compose_config(["model=llama-3.1-8b", "model.random_weights=true"])
     assert cfg.cuda_ops_per_buffer == 3
-    assert preload.mlx_env(cfg.cuda_ops_per_buffer, "cuda") == {"MLX_MAX_OPS_PER_BUFFER": "3"}
-    assert preload.mlx_env(cfg.cuda_ops_per_buffer, "cpu") == {}
-    assert preload.mlx_env(cfg.cuda_ops_per_buffer, "metal") == {}
-    assert preload.mlx_env(None, "cuda") == {}
+    assert preload.mlx_env(cfg, "cuda")["MLX_MAX_OPS_PER_BUFFER"] == "3"
+    assert preload.mlx_env(cfg, "cpu") == {}
+    assert preload.mlx_env(cfg, "metal") == {}
+    mlx_own = compose_config(["model=llama-3.1-8b", "cuda_ops_per_buffer=null"])
+    assert "MLX_MAX_OPS_PER_BUFFER" not in preload.mlx_env(mlx_own, "cuda")
     space = config.check_sweep(cfg)
     on = {"backend": "cuda", "id": "cuda-h100-80gib"}
     off = {"backend": "cpu", "id": "cpu-x-24gib"}
     assert config.study_settings(cfg, space, on, 28.0)["cuda_ops_per_buffer"] == 3
     assert "cuda_ops_per_buffer" not in config.study_settings(cfg, space, off, 28.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "graphs"),
+    [
+        ([], "0"),  # auto, a full-precision base
+        (["model.quantize={bits:4,group_size:64}"], "1"),  # auto, a quantized base
+        (["cuda_graphs=true"], "1"),
+        (["model.quantize={bits:4,group_size:64}", "cuda_graphs=false"], "0"),
+    ],
+)
+def test_cuda_graphs_reach_cuda_processes_and_their_study_settings(overrides, graphs):
+    from your_ai import config, preload
+
+    cfg = compose_config(["model=llama-3.1-8b", "model.random_weights=true", *overrides])
+    assert preload.mlx_env(cfg, "cuda")["MLX_USE_CUDA_GRAPHS"] == graphs
+    assert "MLX_USE_CUDA_GRAPHS" not in preload.mlx_env(cfg, "cpu")
+    space = config.check_sweep(cfg)
+    settings = config.study_settings(cfg, space, {"backend": "cuda", "id": "cuda-h"}, 28.0)
+    # Recorded only where off, so studies made with MLX's default (on) continue unchanged.
+    assert settings.get("cuda_graphs", True) is (graphs == "1")
+    cpu = config.study_settings(cfg, space, {"backend": "cpu", "id": "cpu-x"}, 28.0)
+    assert "cuda_graphs" not in cpu
+
+
+@pytest.mark.parametrize("key", ["quantization", "quantization_config"])
+def test_a_base_stored_quantized_keeps_cuda_graphs(tmp_path, key):
+    """auto reads a model directory's config.json (mlx-lm's key, then transformers'): a base
+    stored quantized is a quantized base without model.quantize."""
+    from your_ai import preload
+
+    stored = tmp_path / "model"
+    stored.mkdir()
+    (stored / "config.json").write_text(json.dumps({"model_type": "llama", key: {"bits": 4}}))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    base = ["model=llama-3.1-8b", "model.build=false"]
+    quantized = compose_config([*base, f"model.path={stored}"])
+    assert preload.quantized_base(quantized.model)
+    assert preload.mlx_env(quantized, "cuda")["MLX_USE_CUDA_GRAPHS"] == "1"
+    full = compose_config([*base, f"model.path={plain}"])
+    assert not preload.quantized_base(full.model)
+    assert preload.mlx_env(full, "cuda")["MLX_USE_CUDA_GRAPHS"] == "0"
+    # A name that is neither a directory nor in Hugging Face's cache: nothing says quantized.
+    absent = compose_config([*base, "model.path=nobody/no-such-model"])
+    assert not preload.quantized_base(absent.model)
 
 
 def test_dropout_and_a_random_architecture_are_study_settings_only_where_they_apply():

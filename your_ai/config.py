@@ -161,6 +161,8 @@ def step_settings(cfg: DictConfig) -> None:
     one_of(cfg, "allocator", preload.SETTINGS)
     memory_limits(cfg)
     check_ops_per_buffer(cfg.cuda_ops_per_buffer)
+    if _value(cfg, "cuda_graphs") not in preload.GRAPHS_SETTINGS:
+        raise UserError(f"cuda_graphs={cfg.cuda_graphs} is not one of auto, true, false")
 
 
 # MLX's buffer cache limit per backend for `memory.cache_limit_gb=auto`. 0 frees a buffer back
@@ -357,6 +359,7 @@ def dominance_enabled(setting, backend: str, ops_per_buffer: int | None) -> bool
 def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: float) -> dict:
     """Everything that decides a study's results; a study refuses to continue with others."""
     sweep, model = cfg.sweep, cfg.model
+    cuda = info["backend"] == "cuda"
     return {
         "model": model.name,
         "model_source": model_source(cfg),
@@ -386,7 +389,10 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
         ),
         "hardware": info["id"],
         # Decides peak memory on CUDA only; elsewhere it is not set, so it is not a setting.
-        **({"cuda_ops_per_buffer": cfg.cuda_ops_per_buffer} if info["backend"] == "cuda" else {}),
+        **({"cuda_ops_per_buffer": cfg.cuda_ops_per_buffer} if cuda else {}),
+        # Decides step time on CUDA; recorded where graphs are off (MLX's default is on), so a
+        # study that ran with them continues only with them.
+        **({"cuda_graphs": False} if cuda and not preload.cuda_graphs(cfg) else {}),
         # Recorded only where they apply, so studies made without them still continue: dropout
         # draws a mask in every LoRA layer (more memory); random weights have no path to tell
         # one architecture from another.

@@ -89,6 +89,7 @@ def profile_document(st, trial, url: str) -> dict:
     }
     if "cuda_ops_per_buffer" in settings:
         document["cuda_ops_per_buffer"] = settings["cuda_ops_per_buffer"]
+        document["cuda_graphs"] = settings.get("cuda_graphs", True)
     return document
 
 

@@ -9,6 +9,7 @@ starts, so trial workers get it in their environment and the trainer restarts it
 both from the composed config (`child_env`). MLX's CUDA settings travel the same way.
 """
 
+import json
 import os
 import platform
 import subprocess
@@ -75,14 +76,67 @@ def preload_env(mode: str = "auto", allocator: str = "auto") -> dict[str, str]:
 
 
 OPS_PER_BUFFER_ENV = "MLX_MAX_OPS_PER_BUFFER"
+GRAPHS_ENV = "MLX_USE_CUDA_GRAPHS"
+# What `cuda_graphs` may be set to.
+GRAPHS_SETTINGS = ("auto", True, False)
+# Keys of a model's config.json that say its weights are stored quantized (mlx-lm's, then
+# transformers').
+QUANTIZED_KEYS = ("quantization", "quantization_config")
 
 
-def mlx_env(ops_per_buffer: int | None, kind: str) -> dict[str, str]:
-    """MLX's CUDA settings for a process on `kind` ({} elsewhere, or for null: MLX's own).
-    MLX reads them when it first runs something on the GPU."""
-    if kind != "cuda" or ops_per_buffer is None:
+def stored_config(model_cfg) -> dict:
+    """The config.json of the model `model_cfg` names, where it is on this machine without a
+    download (a directory, or Hugging Face's cache); {} where it is not."""
+    local = Path(str(model_cfg.path)).expanduser()
+    found = local / "config.json" if local.is_dir() else None
+    if found is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model_cfg.path), "config.json")
+        except Exception:  # noqa: BLE001 - not a repository name, or no hub library
+            cached = None
+        found = Path(cached) if isinstance(cached, str) else None
+    if found is None or not found.exists():
         return {}
-    return {OPS_PER_BUFFER_ENV: str(int(ops_per_buffer))}
+    try:
+        return json.loads(found.read_text())
+    except (OSError, ValueError):
+        return {}  # the loader names the broken file; this only chooses a setting
+
+
+def quantized_base(model_cfg) -> bool:
+    """Whether the base's weights are quantized: by `model.quantize`, or as stored."""
+    if model_cfg.quantize:
+        return True
+    if model_cfg.random_weights:
+        return False
+    return any(key in stored_config(model_cfg) for key in QUANTIZED_KEYS)
+
+
+def cuda_graphs(cfg) -> bool:
+    """Whether MLX records its CUDA work as CUDA graphs (`cuda_graphs`). auto: not for a
+    full-precision base, where MLX's host thread spent most of an 8B step capturing,
+    instantiating and destroying graphs while the GPU waited: on an H200 the bf16 step took
+    0.230 s with them and 0.219 s without (0.292 against 0.279 s with checkpointing). A quantized
+    base keeps them: its step with dequantized layers, the one the 4-bit figures are of, has been
+    measured only with them (BENCHMARKS.md, "CUDA graphs")."""
+    setting = cfg.cuda_graphs
+    if setting == "auto":
+        return quantized_base(cfg.model)
+    return bool(setting)
+
+
+def mlx_env(cfg, kind: str) -> dict[str, str]:
+    """MLX's CUDA settings for a process on `kind` running `cfg` ({} elsewhere): operations per
+    graph (none for null: MLX's own) and whether to record graphs at all. MLX reads them when it
+    first runs something on the GPU."""
+    if kind != "cuda":
+        return {}
+    env = {GRAPHS_ENV: "1" if cuda_graphs(cfg) else "0"}
+    if cfg.cuda_ops_per_buffer is not None:
+        env[OPS_PER_BUFFER_ENV] = str(int(cfg.cuda_ops_per_buffer))
+    return env
 
 
 BLAS_THREADS_ENV = "OPENBLAS_NUM_THREADS"
@@ -112,7 +166,7 @@ def child_env(cfg, sharing: int = 1) -> dict[str, str]:
     return {
         **preload_env(str(cfg.blas), str(cfg.allocator)),
         **blas_threads_env(sharing, kind),
-        **mlx_env(cfg.cuda_ops_per_buffer, kind),
+        **mlx_env(cfg, kind),
     }
 
 

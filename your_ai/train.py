@@ -98,7 +98,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     if not cfg.resume:
         refuse_an_earlier_run(Path(cfg.paths.output_dir))  # before a sweep or a model load
     # MLX's CUDA settings, before its first GPU work.
-    os.environ.update(preload.mlx_env(cfg.cuda_ops_per_buffer, device.backend()))
+    os.environ.update(preload.mlx_env(cfg, device.backend()))
     # The GPU's memory in use before this process's first GPU work (see footprint.cuda_reader).
     idle_gpu_bytes = footprint.gpu_used_bytes() if preload.cuda_build_installed() else None
     hardware = device.describe()
