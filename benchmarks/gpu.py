@@ -162,6 +162,7 @@ def main() -> None:
     # Trials run in this process here: set it as a worker would, before the first GPU work.
     os.environ.update(preload.mlx_env(cfg, devices.backend()))
     results["ops_per_buffer"] = os.environ.get(preload.OPS_PER_BUFFER_ENV, "MLX default (20)")
+    results["cuda_graphs"] = os.environ.get(preload.GRAPHS_ENV, "MLX default (1)")
     device = mx.device_info().get("device_name", "?")
     results["device"] = device
     if "matmul" in parts or "mfu" in parts:
@@ -192,7 +193,10 @@ def main() -> None:
                 r["winner"],
             ]
         )
-    body = f"card: {device}; operations per CUDA graph: {results['ops_per_buffer']}\n\n"
+    body = (
+        f"card: {device}; operations per CUDA graph: {results['ops_per_buffer']}; CUDA graphs: "
+        f"{results['cuda_graphs']}\n\n"
+    )
     if "matmul_tflops" in results:
         body += f"- bf16 matmul 8192^3: {results['matmul_tflops']:.0f} TFLOP/s\n"
     for m in results.get("mfu", []):
