@@ -180,6 +180,41 @@ def test_a_profile_carries_every_setting_the_measured_peak_depends_on(tmp_path):
     assert compose_config(overrides).memory.limit_gb is None  # not the default, auto
 
 
+@pytest.mark.parametrize(("quantize", "graphs"), [(None, False), ("{bits:4,group_size:64}", True)])
+def test_a_cuda_profile_trains_with_the_cuda_graphs_setting_it_was_measured_with(
+    tmp_path, quantize, graphs
+):
+    """A study on CUDA records cuda_graphs where they were off; its profile sets them either way,
+    so training under a later default still runs the way the winner was measured."""
+    from your_ai import config, preload
+
+    swept = compose_config(["mode=quick", f"model.quantize={quantize or 'null'}"])
+    space = record.search_space(swept.sweep.grid)
+    settings = config.study_settings(swept, space, {"backend": "cuda", "id": "cuda-t"}, 20.0)
+    st = optuna.create_study(direction="maximize")
+    st.set_user_attr("settings", settings)
+    params = {"training.batch_size": 4, "lora.rank": 64, "lora.num_layers": 16}
+    distributions = {k: CategoricalDistribution(space[k]) for k in params}
+    measured = {"peak_memory_mb": 100.0, "step_time_s": 0.1, "tokens_per_sec": 1000.0}
+    st.add_trial(
+        optuna.trial.create_trial(
+            params=params, distributions=distributions, user_attrs=measured, value=4096
+        )
+    )
+    document = export.profile_document(st, st.trials[0], "sqlite:///x.db")
+    assert document["cuda_graphs"] is graphs and document["cuda_ops_per_buffer"] == 3
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "swept.yaml").write_text(export.render_profile(document))
+    # Applied over cuda_graphs set the other way on the command line's defaults.
+    applied = compose_config(
+        [f"hydra.searchpath=[file://{tmp_path}]", "+profile=swept", f"cuda_graphs={not graphs}"]
+    )
+    assert applied.cuda_graphs is (not graphs)  # the command line wins, as for every key
+    applied = compose_config([f"hydra.searchpath=[file://{tmp_path}]", "+profile=swept"])
+    assert applied.cuda_graphs is graphs
+    assert preload.mlx_env(applied, "cuda")["MLX_USE_CUDA_GRAPHS"] == ("1" if graphs else "0")
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
