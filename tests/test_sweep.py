@@ -10,6 +10,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import mlx.core as mx
 import optuna
 import pytest
 import sqlalchemy
@@ -447,6 +448,7 @@ def test_trials_in_one_worker_leave_no_residue(make_cfg, tmp_path):
     meter = footprint.meter(device.backend())
     probe = {"training.batch_size": 4, "lora.rank": 64, "lora.num_layers": 16}
     first = trial.measure(loaded, cfg, probe, limits, meter)
+    held = mx.get_active_memory()  # the model, once the trial has let go of everything else
     layer_call = type(loaded.model.layers[0]).__call__
     for batch, rank, layers in ((8, 128, 24), (2, 64, 32), (8, 64, 8)):
         trial.measure(
@@ -458,10 +460,10 @@ def test_trials_in_one_worker_leave_no_residue(make_cfg, tmp_path):
         )
     again = trial.measure(loaded, cfg, probe, limits, meter)
     assert first.state == again.state == "complete"
-    # Within 10 %: the same probe's MLX peak once read 8.5 % higher in a full run (not
-    # reproduced alone). A residue of the heaviest trial's adapters and optimizer state would
-    # be about 16 MB, against the probe's 22 MB peak.
-    assert again.mlx_peak_bytes == pytest.approx(first.mlx_peak_bytes, rel=0.1)
+    # A residue of the heavier trials' adapters and optimizer state (about 16 MB for the
+    # heaviest) would still be held. MLX's peak is no test of it: the CPU stream frees buffers
+    # as its work completes, and under load the same probe's peak read 8.5 % and 18.5 % higher.
+    assert mx.get_active_memory() <= held + 2**20
     # What the heavier trials freed went back to the system: it is not in the probe's footprint.
     assert again.peak_bytes - again.start_bytes <= 1.05 * (first.peak_bytes - first.start_bytes)
     # Checkpointing wraps the layer class once: wrappers nesting across these five trials would
