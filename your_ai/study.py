@@ -30,7 +30,9 @@ from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
     IntegrityError,
+    OperationalError,
     PendingRollbackError,
+    ProgrammingError,
     SQLAlchemyError,
 )
 
@@ -175,12 +177,16 @@ def rdb_storage(url: str, sweep, attempts: int = 5) -> optuna.storages.RDBStorag
                 heartbeat_stale_trial_callback=Retry(max_retry=int(sweep.max_retry)),
                 engine_kwargs={"pool_pre_ping": True},
             )
-        except IntegrityError:
+        except (IntegrityError, OperationalError, ProgrammingError) as err:
             # Workers started together on a new database race to create Optuna's tables; the
-            # loser finds them made on its next try.
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 + attempt)
+            # loser finds them made on its next try. PostgreSQL reports the race as a duplicate
+            # key or an existing relation, SQLite as an existing table (also when a reader opened
+            # the new file first). Any other error is the caller's at once.
+            if isinstance(err, IntegrityError) or "already exists" in str(err):
+                if attempt < attempts - 1:
+                    time.sleep(0.5 + attempt)
+                    continue
+            raise
     raise AssertionError("unreachable")
 
 
