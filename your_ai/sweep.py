@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from your_ai import CONF_DIR, config, console, export, preload, record, study
-from your_ai.errors import UserError, exit_on_user_error, terminate
+from your_ai.errors import UserError, exit_on_user_error, first_line, terminate
 from your_ai.record import Limits, TrialRecord
 from your_ai.worker import Worker
 
@@ -184,12 +184,20 @@ def run_trials(
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit, UserError, Stopped))
             # Twice: a signal that landed inside a storage call can leave that call's
             # connection busy for a moment. If the storage is gone, the rerun recovers the trial.
+            failure: Exception | None = None
             for attempt in range(2):
                 try:
                     study.give_back_trial(st, trial, max_retry, interrupted)
                     break
-                except Exception:  # noqa: BLE001
+                except Exception as error:  # noqa: BLE001
+                    failure = error
                     time.sleep(0.5 * (attempt + 1))
+            else:
+                tqdm.write(
+                    f"[trial {trial.number}] could not be given back ({first_line(failure)}); "
+                    "the next run recovers it once its heartbeat is sweep.grace_period_s old",
+                    file=sys.stderr,
+                )
         raise
     finally:
         if own_bar:
