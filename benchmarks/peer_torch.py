@@ -19,7 +19,7 @@ Parts (CONFIGS below): matmul-{mlx,torch}; ours-{ckpt,plain}; ours-chunked-{ckpt
 (training.loss_chunk_tokens=1024); ours-input-{ckpt,plain} (lora.compute_dtype=input);
 ours-step-{ckpt,plain} (memory.limit_gb=step: the step's own need); ours-q4-ckpt and
 ours-q4-dequant-ckpt (4-bit base, MLX's quantized matmul or training.quantized_matmul=dequantize,
-under the default memory limit); ours-q4-dequant-unlimited-ckpt (the latter under MLX's own
+what `auto` picks on CUDA, under the default memory limit); ours-q4-dequant-unlimited-ckpt (the latter under MLX's own
 memory limit, memory.limit_gb=null); torch-{eager,compile}-{ckpt,plain}; memory-{ckpt,plain}
 (benchmarks/memory_parts.py). Results go to DIR/peer_torch.json after each part, the table to
 DIR/BENCHMARKS-peer.md; a part that fails or does not fit in --budget-s is a row saying so.
@@ -75,7 +75,7 @@ CONFIGS: dict[str, dict] = {
     "ours-q4-ckpt": {
         "side": "ours",
         "checkpoint": True,
-        "overrides": ["model.quantize={bits:4,group_size:64}"],
+        "overrides": ["model.quantize={bits:4,group_size:64}", "training.quantized_matmul=native"],
     },
     "ours-q4-dequant-ckpt": {
         "side": "ours",

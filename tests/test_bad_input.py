@@ -64,7 +64,7 @@ def digest(path) -> str:
         ),
         (
             ["training.quantized_matmul=int4"],
-            "error: training.quantized_matmul=int4 is not one of native, dequantize",
+            "error: training.quantized_matmul=int4 is not one of auto, native, dequantize",
         ),
         (["memory.limit_gb=0"], "error: memory.limit_gb=0 must be > 0, auto, step or null"),
         (

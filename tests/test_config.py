@@ -173,6 +173,42 @@ def test_a_base_stored_quantized_keeps_cuda_graphs(tmp_path, key):
     assert not preload.quantized_base(absent.model)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "resolved"),
+    [
+        ([], {"cpu": "native", "cuda": "native", "metal": "native"}),  # a bf16 base
+        (
+            ["model.quantize={bits:4,group_size:64}"],
+            {"cpu": "dequantize", "cuda": "dequantize", "metal": "native"},
+        ),
+        (
+            ["model.quantize={bits:4,group_size:64}", "training.quantized_matmul=native"],
+            {"cpu": "native", "cuda": "native", "metal": "native"},
+        ),
+        (
+            ["model.quantize={bits:4,group_size:64}", "training.quantized_matmul=dequantize"],
+            {"cpu": "dequantize", "cuda": "dequantize", "metal": "dequantize"},
+        ),
+    ],
+)
+def test_quantized_matmul_resolves_per_backend_into_the_study_settings(overrides, resolved):
+    """auto dequantizes a quantized base where measured (CUDA, the CPU), keeps MLX's quantized
+    matmul on Metal; a full-precision base has nothing to dequantize. The study records what
+    ran, only where it is not MLX's own, and on CUDA a dequantized base runs under the step's own
+    memory limit."""
+    from your_ai import config
+
+    cfg = compose_config(["model=llama-3.1-8b", "model.random_weights=true", *overrides])
+    space = config.check_sweep(cfg)
+    for backend, matmul in resolved.items():
+        assert config.quantized_matmul(cfg, backend) == matmul
+        info = {"backend": backend, "id": f"{backend}-x"}
+        settings = config.study_settings(cfg, space, info, 28.0)
+        assert settings.get("quantized_matmul", "native") == matmul
+        stepping = backend == "cuda" and matmul == "dequantize"
+        assert (settings["memory"].get("limit_gb") == "step") is stepping
+
+
 def test_dropout_and_a_random_architecture_are_study_settings_only_where_they_apply():
     from your_ai import config
 

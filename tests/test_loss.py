@@ -156,14 +156,14 @@ def test_chunked_loss_has_the_same_value_and_gradients(tiny, mode):
 
 @pytest.mark.parametrize(
     "base",
-    [[], ["model=tiny-q4", "training.quantized_matmul=dequantize"]],
+    [[], ["model=tiny-q4"]],
     ids=["float32", "4-bit-dequantized"],
 )
 def test_compiled_step_with_the_loss_in_chunks_matches(make_cfg, base):
     """training.loss_chunk_tokens in the trainer's compiled step: the same loss and the same
     adapters after two optimizer steps as with the whole batch's logits at once, also where the
     output head is a 4-bit weight dequantized per use (each chunk's product dequantizes it)."""
-    from your_ai import data
+    from your_ai import config, data
 
     outcomes = []
     for chunk in ("null", "24"):
@@ -175,7 +175,7 @@ def test_compiled_step_with_the_loss_in_chunks_matches(make_cfg, base):
             2,
             step.lora_parameters(cfg.lora, 4),
             False,
-            quantized_matmul=str(cfg.training.quantized_matmul),
+            quantized_matmul=config.quantized_matmul(cfg, "cpu"),
         )
         optimizer = step.make_optimizer(cfg.training, 10)
         train_step = step.make_step(loaded.model, optimizer, cfg)

@@ -44,8 +44,9 @@ def test_dequantized_base_trains_like_the_quantized_one(make_cfg):
         mx.random.seed(0)
         step.apply_lora(model, 3, step.lora_parameters(cfg.lora, 4), True, "float32", setting)
         switched = layer_classes(model).get("DequantizedLinear", 0)
-        # q, k, v, o (inside their LoRA wrappers) and the MLP's three, in 3 layers, and the head.
-        assert switched == (3 * 7 + 1 if setting == "dequantize" else 0)
+        # q, k, v, o (inside their LoRA wrappers in 3 of them) and the MLP's three, in every
+        # layer, and the head.
+        assert switched == (len(model.layers) * 7 + 1 if setting == "dequantize" else 0)
         for _, module in model.named_modules():
             if hasattr(module, "lora_b"):
                 module.lora_b = mx.random.normal(module.lora_b.shape) * 0.02
@@ -194,7 +195,7 @@ def test_dequantizations_in_a_step(make_cfg, monkeypatch, checkpoint):
     multiplies by the forward pass's copy; before, it dequantized twice); a LoRA layer's weights
     in the forward pass, again in the backward pass, and with checkpointing once more in the
     recomputed forward pass, so that no layer's dequantized weights are kept from one pass to the
-    other."""
+    other; a layer below the LoRA ones once, in the forward pass."""
     cfg = make_cfg("model=tiny-q4", "training.max_seq_length=24")
     model = models.load(cfg.model, cfg.paths.models).model
     step.apply_lora(
@@ -215,6 +216,6 @@ def test_dequantizations_in_a_step(make_cfg, monkeypatch, checkpoint):
     mx.eval(value, grads)
     step.remove_lora(model)
     # Without checkpointing, the lowest LoRA layer's q, k and v have no backward product: nothing
-    # below them takes a gradient.
-    layers = 3 * 7 * 3 if checkpoint else 3 * 7 * 2 - 3
+    # below them takes a gradient. The layers below run forward only, and once.
+    layers = (3 * 7 * 3 if checkpoint else 3 * 7 * 2 - 3) + (len(model.layers) - 3) * 7
     assert calls == {"head": 1, "layers": layers}

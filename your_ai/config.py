@@ -16,8 +16,14 @@ OBJECTIVES = ("score", "tokens_per_sec")
 # distrust.mode, as loss.py defines them.
 DISTRUST_MODES = ("additive", "weighted")
 
-# training.quantized_matmul: how the trained layers multiply by a quantized base's weights.
+# training.quantized_matmul: how the layers multiply by a quantized base's weights.
 QUANTIZED_MATMULS = ("native", "dequantize")
+
+# training.quantized_matmul=auto for a quantized base, per backend. At a training batch's rows
+# MLX's quantized matmul took 3-4.3x as long as dequantizing and multiplying on an H200 (4096 rows
+# by an 8B layer's weights) and 4-20x on the CPU vm (BENCHMARKS.md, 2026-12-04 04:53); Metal,
+# whose quantized matmul is another kernel and is not measured here, keeps it.
+AUTO_QUANTIZED_MATMUL = {"cpu": "dequantize", "cuda": "dequantize", "metal": "native"}
 
 # lora.compute_dtype: "float32" promotes the LoRA matmuls as mlx-lm does, "input" keeps the
 # activations' dtype.
@@ -152,7 +158,7 @@ def step_settings(cfg: DictConfig) -> None:
         raise UserError(f"distrust.lambda_weight={cfg.distrust.lambda_weight} is outside [0, 1]")
     one_of(cfg, "distrust.mode", DISTRUST_MODES)
     one_of(cfg, "lora.compute_dtype", LORA_COMPUTE_DTYPES)
-    one_of(cfg, "training.quantized_matmul", QUANTIZED_MATMULS)
+    one_of(cfg, "training.quantized_matmul", ("auto", *QUANTIZED_MATMULS))
     if _value(cfg, "training.loss_chunk_tokens") is not None:
         integer(cfg, "training.loss_chunk_tokens", 1)
     one_of(cfg, "lora.fine_tune_type", FINE_TUNE_TYPES)
@@ -178,10 +184,17 @@ AUTO_CACHE_LIMIT_GB = {"cpu": 0.0, "cuda": 0.0, "metal": None}
 # less but 10 % slower, so it keeps MLX's default. Only CUDA is measured: MLX's CPU backend
 # allocates an output when the operation runs, so nothing queues there; Metal is not measured.
 def auto_memory_limit(cfg: DictConfig, backend: str) -> str | None:
-    dequantizing = bool(_value(cfg, "model.quantize")) and (
-        _value(cfg, "training.quantized_matmul") == "dequantize"
-    )
+    dequantizing = quantized_matmul(cfg, backend) == "dequantize"
     return "step" if backend == "cuda" and dequantizing else None
+
+
+def quantized_matmul(cfg: DictConfig, backend: str) -> str:
+    """`training.quantized_matmul` resolved for a backend: "native" for a full-precision base,
+    which has no quantized matmul to replace."""
+    if not preload.quantized_base(cfg.model):
+        return "native"
+    setting = str(cfg.training.quantized_matmul)
+    return AUTO_QUANTIZED_MATMUL[backend] if setting == "auto" else setting
 
 
 def memory_settings(
@@ -404,8 +417,8 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
             else {}
         ),
         **(
-            {"quantized_matmul": str(cfg.training.quantized_matmul)}
-            if cfg.training.quantized_matmul != "native"
+            {"quantized_matmul": quantized_matmul(cfg, info["backend"])}
+            if quantized_matmul(cfg, info["backend"]) != "native"
             else {}
         ),
         # Likewise: DoRA layers, and mlx-lm's step (with its optimizer and loss), hold more.

@@ -119,8 +119,9 @@ def cuda_graphs(cfg) -> bool:
     full-precision base, where MLX's host thread spent most of an 8B step capturing,
     instantiating and destroying graphs while the GPU waited: on an H200 the bf16 step took
     0.230 s with them and 0.219 s without (0.292 against 0.279 s with checkpointing). A quantized
-    base keeps them: its step with dequantized layers, the one the 4-bit figures are of, has been
-    measured only with them (BENCHMARKS.md, 2026-12-03 23:45 and 2026-12-04 00:01)."""
+    base keeps them: its step with dequantized layers ran as fast without them (0.314 against
+    0.317 s) but held 0.83 GB more (BENCHMARKS.md, 2026-12-03 23:45, 2026-12-04 00:01 and
+    04:55)."""
     setting = cfg.cuda_graphs
     if setting == "auto":
         return quantized_base(cfg.model)

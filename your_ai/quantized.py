@@ -1,20 +1,23 @@
-"""A quantized base's matmuls in the layers being trained, through dequantized weights.
+"""A quantized base's matmuls, through dequantized weights.
 
-MLX's quantized matmul is fast forward, but the backward pass of a LoRA step multiplies by the
-transposed quantized weights too, and on CUDA in MLX 0.32 a 4-bit 8B step ran 3.4x slower than
-the bf16 one. `training.quantized_matmul=dequantize` makes the layers the backward pass runs
-through (the LoRA layers and the output head) dequantize their weights at each use and multiply
-in plain floating point: both passes are then the bf16 step's matmuls. Beyond the 4-bit weights,
-only the weights being multiplied are dequantized, each just before its product. A layer's
-backward pass dequantizes again rather than keep the forward's copy, so no layer's dequantized
-weights are kept from one pass to the other, with or without checkpointing. The output head,
-whose backward pass comes right after the loss, keeps its forward pass's copy instead, unless
-the step runs under its own memory limit (`memory.limit_gb=step`, the default for such a base on
-CUDA). Without that limit, dequantizing the head again held both copies at once on an H200 (a
-buffer is freed only once the GPU has run what reads it, and the two products are a few
-operations apart); under it, where nothing is queued past the step's need, dequantizing again
-held 1.63 GB less than keeping the copy (an 8B step: 10.48 against 12.11 GB), at the same speed.
-Layers below the LoRA ones only run forward and keep MLX's quantized matmul.
+MLX's quantized matmul is made for a few rows at a time (generation). At a training batch's
+thousands of rows, on CUDA in MLX 0.32, it took 4x as long as dequantizing the weight and
+multiplying in bf16 (4096 rows by an 8B layer's weights on an H200: 3.7-4.1 ms against 0.9 ms for
+an MLP matrix, forward or transposed), and a 4-bit 8B step ran 3.4x slower than the bf16 one.
+`training.quantized_matmul=dequantize` makes every layer and the output head dequantize their
+weights at each use and multiply in plain floating point: both passes are then the bf16 step's
+matmuls. Beyond the 4-bit weights, only the weights being multiplied are dequantized, each just
+before its product. A layer's backward pass dequantizes again rather than keep the forward's copy,
+so no layer's dequantized weights are kept from one pass to the other, with or without
+checkpointing. The output head, whose backward pass comes right after the loss, keeps its forward
+pass's copy instead, unless the step runs under its own memory limit (`memory.limit_gb=step`, the
+default for such a base on CUDA). Without that limit, dequantizing the head again held both copies
+at once on an H200 (a buffer is freed only once the GPU has run what reads it, and the two products
+are a few operations apart); under it, where nothing is queued past the step's need, dequantizing
+again held 1.63 GB less than keeping the copy (an 8B step: 10.48 against 12.11 GB), at the same
+speed. Layers below the LoRA ones run forward only and dequantize once: they add one weight
+dequantized at a time. On the 8B with 8 such layers this took the step from 0.398 to 0.317 s
+(BENCHMARKS.md, 2026-12-04 04:55).
 """
 
 import mlx.core as mx
@@ -123,12 +126,12 @@ def _quantized_linears(module: nn.Module):
     return [m for _, m in module.named_modules() if type(m) is nn.QuantizedLinear]
 
 
-def use_dequantized(model: nn.Module, num_layers: int, keep_head: bool = True) -> int:
-    """Switch the last `num_layers` layers' and the output head's quantized linears to
-    DequantizedLinear, the head keeping its forward pass's copy for the backward pass if
-    `keep_head`; returns how many. The class is swapped in place, so parameter names, arrays and
-    the LoRA wrappers around them stay as they are, and `restore` undoes it."""
-    modules = [m for layer in model.layers[-num_layers:] for m in _quantized_linears(layer)]
+def use_dequantized(model: nn.Module, keep_head: bool = True) -> int:
+    """Switch every layer's and the output head's quantized linears to DequantizedLinear, the
+    head keeping its forward pass's copy for the backward pass if `keep_head`; returns how many.
+    The class is swapped in place, so parameter names, arrays and the LoRA wrappers around them
+    stay as they are, and `restore` undoes it."""
+    modules = [m for layer in model.layers for m in _quantized_linears(layer)]
     head = model.get("lm_head")
     if type(head) is nn.QuantizedLinear:
         head._keep_for_backward = keep_head

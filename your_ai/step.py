@@ -16,7 +16,12 @@ from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
 from omegaconf import DictConfig
 
 from your_ai import attention, device, quantized, record, shared_input
-from your_ai.config import FINE_TUNE_TYPES, LORA_COMPUTE_DTYPES, QUANTIZED_MATMULS
+from your_ai.config import (
+    FINE_TUNE_TYPES,
+    LORA_COMPUTE_DTYPES,
+    QUANTIZED_MATMULS,
+    quantized_matmul,
+)
 from your_ai.errors import UserError
 from your_ai.loss import distrust_term, loss_fn, output_head, token_cross_entropy
 
@@ -146,8 +151,8 @@ def apply_lora(
     compute_dtype "input" runs the LoRA matmuls in the activations' dtype (CastLoRALinear); on
     CUDA, the layers' down-projections keep their input in its own dtype and are shared by
     layers reading one input (your_ai/shared_input.py). quantized_matmul "dequantize"
-    multiplies by a quantized base's weights dequantized per use in the layers the backward
-    pass runs through (your_ai/quantized.py), the output head's again for the backward pass
+    multiplies by a quantized base's weights dequantized per use in every layer and the
+    output head (your_ai/quantized.py), the output head's again for the backward pass
     where the step runs under its own memory limit (`step_memory_limit`). DoRA layers keep
     mlx-lm's arithmetic.
     """
@@ -171,7 +176,7 @@ def apply_lora(
         for layer in model.layers[-num_layers:]:
             shared_input.share_inputs(layer, compute_dtype == "input")
     if quantized_matmul == "dequantize":
-        quantized.use_dequantized(model, num_layers, keep_head=not step_memory_limit)
+        quantized.use_dequantized(model, keep_head=not step_memory_limit)
     attention.use_for_training(model, device.backend())
     converted = sum(
         1 for layer in model.layers for _, m in layer.named_modules() if hasattr(m, "lora_a")
@@ -196,7 +201,7 @@ def lora_from_config(model: nn.Module, cfg: DictConfig, params: dict | None = No
         params if params is not None else lora_parameters(cfg.lora),
         bool(cfg.training.grad_checkpoint),
         str(cfg.lora.compute_dtype),
-        str(cfg.training.quantized_matmul),
+        quantized_matmul(cfg, device.backend()),
         str(cfg.lora.fine_tune_type),
         device.limit_is_the_steps_need(cfg),
     )
