@@ -19,10 +19,11 @@ Parts (CONFIGS below): matmul-{mlx,torch}; ours-{ckpt,plain}; ours-chunked-{ckpt
 (training.loss_chunk_tokens=1024); ours-input-{ckpt,plain} (lora.compute_dtype=input);
 ours-step-{ckpt,plain} (memory.limit_gb=step: the step's own need); ours-q4-ckpt and
 ours-q4-dequant-ckpt (4-bit base, MLX's quantized matmul or training.quantized_matmul=dequantize,
-what `auto` picks on CUDA, under the default memory limit); ours-q4-dequant-unlimited-ckpt (the latter under MLX's own
-memory limit, memory.limit_gb=null); torch-{eager,compile}-{ckpt,plain}; memory-{ckpt,plain}
-(benchmarks/memory_parts.py). Results go to DIR/peer_torch.json after each part, the table to
-DIR/BENCHMARKS-peer.md; a part that fails or does not fit in --budget-s is a row saying so.
+what `auto` picks on CUDA, under the default memory limit); ours-q4-dequant-unlimited-ckpt (the
+latter under MLX's own memory limit, memory.limit_gb=null); torch-{eager,compile}-{ckpt,plain};
+memory-{ckpt,plain} (benchmarks/memory_parts.py). Results go to DIR/peer_torch.json after each
+part, the table to DIR/BENCHMARKS-peer.md; a part that fails or does not fit in --budget-s is a row
+saying so.
 
 The default shape is the 8B Llama 3.1 architecture (conf/model/llama-3.1-8b.yaml) in bf16;
 `--arch` overrides any of its keys, so the script runs on a CPU at a tiny shape. PyTorch,

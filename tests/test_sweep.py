@@ -305,7 +305,7 @@ INTERRUPTED_GRID = [
 # How each stop reaches the sweep, and the status the sweep ends with: Ctrl-C signals the
 # terminal's whole process group, worker included; a kill (SIGTERM) reaches the sweep alone.
 STOPS = {
-    "ctrl-c": (signal.SIGINT, True, -signal.SIGINT),
+    "ctrl-c": (signal.SIGINT, True, 128 + signal.SIGINT),
     "sigterm": (signal.SIGTERM, False, 128 + signal.SIGTERM),
 }
 
@@ -335,6 +335,8 @@ def test_an_interrupted_sweep_spends_no_retry_and_the_next_run_measures_its_poin
         proc = procs[stop]
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == status, (stop, stderr[-3000:])
+        if stop == "ctrl-c":  # one line, not Python's traceback
+            assert stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr
         st = load(tmp_path / stop, "stopped")
         # Its stderr says why, should a stop ever leave the trial running (twice in about 60
         # runs, not reproduced since).

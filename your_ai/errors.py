@@ -1,5 +1,6 @@
 """One-line user errors: what was wrong and where it came from."""
 
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -23,9 +24,15 @@ def terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+# The exit status of a command stopped by Ctrl-C: the shell's own for a process that SIGINT ended.
+INTERRUPTED_STATUS = 128 + signal.SIGINT
+
+
 def exit_on_user_error(fn: Callable) -> Callable:
-    """A command: a UserError ends it with one line and status 2. Under Hydra its console is
-    also written to the job's log, and a refused command leaves no run directory behind."""
+    """A command: a UserError ends it with one line and status 2, Ctrl-C with one line and
+    INTERRUPTED_STATUS once the command's own cleanup has run (a sweep gives its trial back);
+    Python would print a traceback. Under Hydra its console is also written to the job's log,
+    and a refused command leaves no run directory behind."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -35,6 +42,9 @@ def exit_on_user_error(fn: Callable) -> Callable:
                 return fn(*args, **kwargs)
             except UserError as err:
                 print(f"error: {err}", file=sys.stderr)
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                sys.exit(INTERRUPTED_STATUS)
         joblog.remove_if_unused(job)
         sys.exit(2)
 
