@@ -173,6 +173,10 @@ def test_a_base_stored_quantized_keeps_cuda_graphs(tmp_path, key):
     assert not preload.quantized_base(absent.model)
 
 
+def cfg_overrides(overrides: list[str]) -> list[str]:
+    return ["model=llama-3.1-8b", "model.random_weights=true", *overrides]
+
+
 @pytest.mark.parametrize(
     ("overrides", "resolved"),
     [
@@ -198,7 +202,7 @@ def test_quantized_matmul_resolves_per_backend_into_the_study_settings(overrides
     memory limit."""
     from your_ai import config
 
-    cfg = compose_config(["model=llama-3.1-8b", "model.random_weights=true", *overrides])
+    cfg = compose_config(cfg_overrides(overrides))
     space = config.check_sweep(cfg)
     for backend, matmul in resolved.items():
         assert config.quantized_matmul(cfg, backend) == matmul
@@ -207,6 +211,10 @@ def test_quantized_matmul_resolves_per_backend_into_the_study_settings(overrides
         assert settings.get("quantized_matmul", "native") == matmul
         stepping = backend == "cuda" and matmul == "dequantize"
         assert (settings["memory"].get("limit_gb") == "step") is stepping
+    # mlx-lm's step multiplies as MLX does, whatever the setting.
+    mlx_lm = compose_config([*cfg_overrides(overrides), "sweep.step=mlx_lm"])
+    cuda = {"backend": "cuda", "id": "cuda-x"}
+    assert "quantized_matmul" not in config.study_settings(mlx_lm, space, cuda, 28.0)
 
 
 def test_dropout_and_a_random_architecture_are_study_settings_only_where_they_apply():

@@ -373,6 +373,7 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
     """Everything that decides a study's results; a study refuses to continue with others."""
     sweep, model = cfg.sweep, cfg.model
     cuda = info["backend"] == "cuda"
+    matmul = quantized_matmul(cfg, info["backend"]) if cfg.sweep.step == "your_ai" else "native"
     return {
         "model": model.name,
         "model_source": model_source(cfg),
@@ -416,11 +417,8 @@ def study_settings(cfg: DictConfig, space: dict, info: dict, max_memory_gb: floa
             if cfg.training.loss_chunk_tokens
             else {}
         ),
-        **(
-            {"quantized_matmul": quantized_matmul(cfg, info["backend"])}
-            if quantized_matmul(cfg, info["backend"]) != "native"
-            else {}
-        ),
+        # (mlx-lm's step keeps MLX's quantized matmul whatever the setting says.)
+        **({"quantized_matmul": matmul} if matmul != "native" else {}),
         # Likewise: DoRA layers, and mlx-lm's step (with its optimizer and loss), hold more.
         **({"fine_tune_type": "dora"} if cfg.lora.fine_tune_type == "dora" else {}),
         **({"step": "mlx_lm"} if cfg.sweep.step == "mlx_lm" else {}),
